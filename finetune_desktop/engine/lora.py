@@ -1,0 +1,148 @@
+"""LoRA: low-rank adapters on frozen linear weights.
+
+For a target weight W (out, in):  y = x @ W.T + b + scale * (dropout(x) @ A.T) @ B.T
+with A (r, in) random (Kaiming-uniform like PEFT), B (out, r) zero, scale = alpha / r.
+B = 0 means the adapted model starts exactly at the pre-trained one. Only A and B are trained.
+
+Names follow PEFT: "model.layers.0.self_attn.q_proj.lora_A.weight" internally, with the
+"base_model.model." prefix added in adapter files.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8                                  # rank of the update; higher = more capacity, more memory
+    alpha: float = 16.0                         # scale = alpha / r
+    dropout: float = 0.0                        # dropout on the adapter input during training
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / float(self.r)
+
+    def to_peft_dict(self, base_model_name_or_path: str | None = None) -> dict:
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": int(self.r),
+            "lora_alpha": self.alpha,
+            "lora_dropout": float(self.dropout),
+            "target_modules": sorted(self.target_modules),
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "use_rslora": False,
+            "use_dora": False,
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "modules_to_save": None,
+            "base_model_name_or_path": base_model_name_or_path,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, d: dict, source: str = "adapter_config.json") -> "LoraConfig":
+        if d.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"{source}: peft_type {d.get('peft_type')!r} is not supported (only LORA)")
+        for flag in ("use_dora", "use_rslora", "fan_in_fan_out"):
+            if d.get(flag):
+                raise ValueError(f"{source}: {flag}=true is not supported")
+        if d.get("bias", "none") != "none":
+            raise ValueError(f"{source}: bias={d['bias']!r} is not supported (only 'none')")
+        if d.get("rank_pattern") or d.get("alpha_pattern"):
+            raise ValueError(f"{source}: rank_pattern / alpha_pattern are not supported")
+        tm = d.get("target_modules") or DEFAULT_TARGETS
+        if isinstance(tm, str):
+            raise ValueError(f"{source}: regex target_modules are not supported")
+        return cls(r=int(d["r"]), alpha=float(d.get("lora_alpha", d["r"])),
+                   dropout=float(d.get("lora_dropout", 0.0)), target_modules=tuple(tm))
+
+
+def lora_names(weight_name: str) -> tuple[str, str]:
+    """'model.layers.0.self_attn.q_proj.weight' -> (..q_proj.lora_A.weight, ..q_proj.lora_B.weight)."""
+    stem = weight_name[: -len(".weight")]
+    return stem + ".lora_A.weight", stem + ".lora_B.weight"
+
+
+def init_lora(params: dict, cfg: LoraConfig, num_layers: int, seed: int = 0, dtype=np.float32) -> dict:
+    """Create A (random) and B (zero) for every targeted projection. Returns name -> array."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for l in range(num_layers):
+        for mod in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            _maybe_add(out, params, f"model.layers.{l}.self_attn.{mod}.weight", mod, cfg, rng, dtype)
+        for mod in ("gate_proj", "up_proj", "down_proj"):
+            _maybe_add(out, params, f"model.layers.{l}.mlp.{mod}.weight", mod, cfg, rng, dtype)
+    return out
+
+
+def _maybe_add(out, params, wname, mod, cfg, rng, dtype):
+    if mod not in cfg.target_modules:
+        return
+    W = params[wname]
+    n_out, n_in = W.shape
+    an, bn = lora_names(wname)
+    # PEFT's default init: kaiming_uniform(a=sqrt(5)) on A -> U(-1/sqrt(in), 1/sqrt(in)); B = 0
+    bound = 1.0 / np.sqrt(n_in)
+    out[an] = rng.uniform(-bound, bound, size=(cfg.r, n_in)).astype(dtype)  # (r, in)
+    out[bn] = np.zeros((n_out, cfg.r), dtype=dtype)  # (out, r)
+
+
+def lora_delta(A, B, scale):
+    """The full-size update this adapter adds to W: scale * B @ A (out, in)."""
+    return (scale * (B @ A)).astype(A.dtype)
+
+
+def merge_lora(params: dict, lora: dict, scale: float) -> dict:
+    """Return a new params dict with W + scale * B @ A for every adapted weight (inputs untouched)."""
+    merged = dict(params)
+    for name in params:
+        if not name.endswith(".weight"):
+            continue
+        an, bn = lora_names(name)
+        if an in lora:
+            merged[name] = params[name] + lora_delta(lora[an], lora[bn], scale)
+    return merged
+
+
+def unmerge_lora(params: dict, lora: dict, scale: float) -> dict:
+    """Inverse of merge_lora: W - scale * B @ A."""
+    out = dict(params)
+    for name in params:
+        if not name.endswith(".weight"):
+            continue
+        an, bn = lora_names(name)
+        if an in lora:
+            out[name] = params[name] - lora_delta(lora[an], lora[bn], scale)
+    return out
+
+
+# ---------------------------------------------------------------- forward/backward pair
+def lora_forward(x, A, B, scale, dropout=0.0, rng=None):
+    """x (..., in) -> scale * (drop(x) @ A.T) @ B.T (..., out)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    mask = None
+    if dropout > 0.0 and rng is not None:
+        mask = (rng.random(x2.shape) >= dropout).astype(x.dtype) / (1.0 - dropout)
+        x2 = x2 * mask
+    u = x2 @ A.T  # (N, r)
+    y = (u @ B.T) * scale  # (N, out)
+    return y.reshape(*x.shape[:-1], B.shape[0]), (x2, u, A, B, scale, mask, x.shape)
+
+
+def lora_backward(dy, cache):
+    """-> dx (..., in), dA (r, in), dB (out, r)."""
+    x2, u, A, B, scale, mask, xshape = cache
+    dy2 = dy.reshape(-1, dy.shape[-1]) * scale  # (N, out)
+    dB = dy2.T @ u  # (out, r)
+    du = dy2 @ B  # (N, r)
+    dA = du.T @ x2  # (r, in)
+    dx = du @ A
+    if mask is not None:
+        dx *= mask
+    return dx.reshape(xshape), dA, dB

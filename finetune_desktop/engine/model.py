@@ -1,0 +1,428 @@
+"""The decoder-only transformer of the HF Llama family (Llama, Qwen2, Mistral), in numpy.
+
+Parameters live in a flat dict keyed by HF tensor names ("model.layers.0.self_attn.q_proj.weight").
+`forward` returns logits and an explicit cache; `backward` walks the same calls in reverse and
+returns gradients keyed by the same names. With LoRA attached, the base weights are frozen:
+only the adapter matrices get gradients, and no full-size weight gradient is ever computed.
+
+Shape legend: B batch, T tokens, S keys (cache + T), C hidden, V vocab, I SwiGLU width,
+H query heads, KVH key/value heads, G = H // KVH, hd head dim.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from . import ops
+from .checkpoint import (atomic_write_json, load_peft_adapter, load_weights, make_temp_dir_beside,
+                         replace_dir_atomically, save_peft_adapter, write_safetensors,
+                         write_safetensors_bf16)
+from .config import ModelConfig, ModelFormatError
+from .lora import LoraConfig, init_lora, lora_backward, lora_forward, lora_names, merge_lora
+
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name the config implies, with its shape."""
+    C, I, V, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.hd
+    q, kv = cfg.num_attention_heads * hd, cfg.n_kv_heads * hd
+    s: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, C), "model.norm.weight": (C,)}
+    if not cfg.tie_word_embeddings:
+        s["lm_head.weight"] = (V, C)
+    for l in range(cfg.num_hidden_layers):
+        p = f"model.layers.{l}."
+        s[p + "input_layernorm.weight"] = (C,)
+        s[p + "post_attention_layernorm.weight"] = (C,)
+        s[p + "self_attn.q_proj.weight"] = (q, C)
+        s[p + "self_attn.k_proj.weight"] = (kv, C)
+        s[p + "self_attn.v_proj.weight"] = (kv, C)
+        s[p + "self_attn.o_proj.weight"] = (C, q)
+        if cfg.has_qkv_bias:
+            s[p + "self_attn.q_proj.bias"] = (q,)
+            s[p + "self_attn.k_proj.bias"] = (kv,)
+            s[p + "self_attn.v_proj.bias"] = (kv,)
+        if cfg.has_o_bias:
+            s[p + "self_attn.o_proj.bias"] = (C,)
+        s[p + "mlp.gate_proj.weight"] = (I, C)
+        s[p + "mlp.up_proj.weight"] = (I, C)
+        s[p + "mlp.down_proj.weight"] = (C, I)
+        if cfg.mlp_bias:
+            s[p + "mlp.gate_proj.bias"] = (I,)
+            s[p + "mlp.up_proj.bias"] = (I,)
+            s[p + "mlp.down_proj.bias"] = (C,)
+    return s
+
+
+def init_params(cfg: ModelConfig, seed: int = 0, std: float = 0.02, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Random initial weights (for pretraining from scratch and for tests). Norms start at 1,
+    biases at 0, output projections scaled down by sqrt(2 L) as in GPT-2."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in expected_shapes(cfg).items():
+        if name.endswith("norm.weight"):
+            out[name] = np.ones(shape, dtype)
+        elif name.endswith(".bias"):
+            out[name] = np.zeros(shape, dtype)
+        else:
+            s = std / np.sqrt(2 * cfg.num_hidden_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+            out[name] = (rng.standard_normal(shape) * s).astype(dtype)
+    return out
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys/values after RoPE: k, v (B, KVH, S_max, hd); `length` positions filled."""
+    k: list
+    v: list
+    length: int = 0
+
+
+class Model:
+    def __init__(self, config: ModelConfig, params: dict[str, np.ndarray], check: bool = True):
+        config.validate()
+        self.config = config
+        self.params = params
+        if check:
+            self._check_params()
+        self.dtype = params["model.embed_tokens.weight"].dtype
+        self.lora: dict[str, np.ndarray] | None = None
+        self.lora_config: LoraConfig | None = None
+        self.source: str | None = None
+        self._rope_cache: dict = {}
+
+    # ------------------------------------------------------------------ construction
+    def _check_params(self, source: str = "weights") -> None:
+        exp = expected_shapes(self.config)
+        if self.config.tie_word_embeddings:
+            self.params.pop("lm_head.weight", None)
+        for name, shape in exp.items():
+            if name not in self.params:
+                raise ModelFormatError(f"{source}: tensor {name!r} is missing")
+            if tuple(self.params[name].shape) != shape:
+                raise ModelFormatError(
+                    f"{source}: tensor {name!r} has shape {tuple(self.params[name].shape)}, "
+                    f"config.json implies {shape}")
+        extra = [k for k in self.params if k not in exp and not k.endswith("rotary_emb.inv_freq")]
+        if extra:
+            raise ModelFormatError(f"{source}: unexpected tensor {extra[0]!r} (not part of this architecture)")
+        for k in [k for k in self.params if k.endswith("rotary_emb.inv_freq")]:
+            del self.params[k]
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, seed: int = 0, dtype=np.float32) -> "Model":
+        return cls(config, init_params(config, seed=seed, dtype=dtype))
+
+    @classmethod
+    def from_pretrained(cls, folder) -> "Model":
+        """Load an HF folder (config.json + safetensors). A run folder's `model/` is found too, and
+        a PEFT adapter folder is applied on top of its base model when that base is found."""
+        folder = Path(folder)
+        if not folder.exists():
+            raise ModelFormatError(f"{folder}: no such folder")
+        if (folder / "model" / "config.json").exists() and not (folder / "config.json").exists():
+            folder = folder / "model"  # a run folder
+        cfg = ModelConfig.from_json_file(folder / "config.json")
+        params = load_weights(folder)
+        m = cls.__new__(cls)
+        Model.__init__(m, cfg, params, check=False)
+        m._check_params(source=str(folder))
+        m.source = str(folder)
+        return m
+
+    # ------------------------------------------------------------------ LoRA
+    def add_lora(self, lora_config: LoraConfig, seed: int = 0) -> None:
+        self.lora_config = lora_config
+        self.lora = init_lora(self.params, lora_config, self.config.num_hidden_layers, seed=seed, dtype=self.dtype)
+
+    def load_adapter(self, folder) -> None:
+        cfg, lora = load_peft_adapter(folder)
+        ref = init_lora(self.params, cfg, self.config.num_hidden_layers, seed=0, dtype=self.dtype)
+        for k, v in ref.items():
+            if k not in lora:
+                raise ModelFormatError(f"{folder}: adapter tensor {k!r} is missing")
+            if lora[k].shape != v.shape:
+                raise ModelFormatError(f"{folder}: adapter tensor {k!r} has shape {lora[k].shape}, expected {v.shape}")
+        self.lora_config = cfg
+        self.lora = {k: lora[k].astype(self.dtype) for k in ref}
+
+    def merged_params(self) -> dict[str, np.ndarray]:
+        """Weights with the LoRA update folded in (a new dict; the model is unchanged)."""
+        if self.lora is None:
+            return dict(self.params)
+        return merge_lora(self.params, self.lora, self.lora_config.scale)
+
+    def merge_lora(self) -> None:
+        """Fold the adapters into the weights and drop them."""
+        self.params = self.merged_params()
+        self.lora, self.lora_config = None, None
+
+    def trainable_params(self) -> dict[str, np.ndarray]:
+        """The live arrays an optimizer updates in place: the adapters with LoRA, else everything."""
+        return self.lora if self.lora is not None else self.params
+
+    # ------------------------------------------------------------------ helpers
+    def _rope(self, positions: np.ndarray):
+        key = (int(positions[0]), len(positions))
+        if key not in self._rope_cache:
+            if len(self._rope_cache) > 64:
+                self._rope_cache.clear()
+            self._rope_cache[key] = ops.rope_tables(self.config.inv_freq(), positions, self.dtype)
+        return self._rope_cache[key]
+
+    def _proj_forward(self, wname_stem: str, x, train: bool, rng):
+        p = self.params
+        W = p[wname_stem + ".weight"]
+        b = p.get(wname_stem + ".bias")
+        y, lc = ops.linear_forward(x, W, b)
+        lcache = None
+        if self.lora is not None:
+            an, bn = lora_names(wname_stem + ".weight")
+            if an in self.lora:
+                dy, lcache = lora_forward(x, self.lora[an], self.lora[bn], self.lora_config.scale,
+                                          self.lora_config.dropout if train else 0.0, rng)
+                y += dy
+        return y, (wname_stem, lc, lcache)
+
+    def _proj_backward(self, dy, cache, grads, need_dx=True):
+        stem, lc, lcache = cache
+        frozen = self.lora is not None
+        dx, dW, db = ops.linear_backward(dy, lc, need_dW=not frozen, need_dx=need_dx)
+        if not frozen:
+            grads[stem + ".weight"] = dW
+            if db is not None:
+                grads[stem + ".bias"] = db
+        if lcache is not None:
+            an, bn = lora_names(stem + ".weight")
+            ldx, dA, dB = lora_backward(dy, lcache)
+            grads[an] = dA
+            grads[bn] = dB
+            if need_dx:
+                dx += ldx
+        return dx
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids, attention_mask=None, kv_cache: KVCache | None = None,
+                train: bool = False, rng=None, last_only: bool = False):
+        """input_ids (B, T) -> logits (B, T, V) [or (B, 1, V) with last_only], cache for backward.
+
+        With kv_cache, the new tokens are appended at positions cache.length.. and attend to
+        everything before them. attention_mask (B, S) marks real (1) and padding (0) keys."""
+        cfg = self.config
+        p = self.params
+        ids = np.asarray(input_ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        B, T = ids.shape
+        if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+            raise ValueError(f"token id out of range [0, {cfg.vocab_size})")
+        KVH, hd, H = cfg.n_kv_heads, cfg.hd, cfg.num_attention_heads
+        G = H // KVH
+        pos0 = kv_cache.length if kv_cache is not None else 0
+        S = pos0 + T
+        cos, sin = self._rope(np.arange(pos0, S))
+        mask_bias = ops.attention_mask_bias(T, S, self.dtype, key_mask=attention_mask, window=cfg.sliding_window)
+
+        x, c_emb = ops.embedding_forward(ids, p["model.embed_tokens.weight"])  # (B, T, C)
+        layer_caches = []
+        for l in range(cfg.num_hidden_layers):
+            pre = f"model.layers.{l}."
+            # --- attention block
+            h, c_ln1 = ops.rmsnorm_forward(x, p[pre + "input_layernorm.weight"], cfg.rms_norm_eps)
+            q, c_q = self._proj_forward(pre + "self_attn.q_proj", h, train, rng)  # (B, T, H*hd)
+            k, c_k = self._proj_forward(pre + "self_attn.k_proj", h, train, rng)  # (B, T, KVH*hd)
+            v, c_v = self._proj_forward(pre + "self_attn.v_proj", h, train, rng)
+            q = q.reshape(B, T, KVH, G, hd).transpose(0, 2, 3, 1, 4)  # (B, KVH, G, T, hd)
+            k = k.reshape(B, T, KVH, hd).transpose(0, 2, 1, 3)  # (B, KVH, T, hd)
+            v = v.reshape(B, T, KVH, hd).transpose(0, 2, 1, 3)
+            q, c_rq = ops.rope_forward(q, cos, sin)
+            k, c_rk = ops.rope_forward(k, cos, sin)
+            if kv_cache is not None:
+                kv_cache.k[l][:, :, pos0:S] = k
+                kv_cache.v[l][:, :, pos0:S] = v
+                k_all, v_all = kv_cache.k[l][:, :, :S], kv_cache.v[l][:, :, :S]
+            else:
+                k_all, v_all = k, np.ascontiguousarray(v)
+            a, c_att = ops.attention_forward(q, k_all, v_all, mask_bias)  # (B, KVH, G, T, hd)
+            a = a.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
+            o, c_o = self._proj_forward(pre + "self_attn.o_proj", a, train, rng)  # (B, T, C)
+            x = x + o
+            # --- MLP block
+            h2, c_ln2 = ops.rmsnorm_forward(x, p[pre + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+            g, c_g = self._proj_forward(pre + "mlp.gate_proj", h2, train, rng)  # (B, T, I)
+            u, c_u = self._proj_forward(pre + "mlp.up_proj", h2, train, rng)
+            act, c_act = ops.swiglu_forward(g, u)
+            d, c_d = self._proj_forward(pre + "mlp.down_proj", act, train, rng)  # (B, T, C)
+            x = x + d
+            if kv_cache is None:
+                layer_caches.append((c_ln1, c_q, c_k, c_v, c_rq, c_rk, c_att, c_o, c_ln2, c_g, c_u, c_act, c_d))
+        if kv_cache is not None:
+            kv_cache.length = S
+        if last_only:
+            x = x[:, -1:]
+        hN, c_lnf = ops.rmsnorm_forward(x, p["model.norm.weight"], cfg.rms_norm_eps)
+        W_out = p["model.embed_tokens.weight"] if cfg.tie_word_embeddings else p["lm_head.weight"]
+        logits, c_head = ops.linear_forward(hN, W_out)  # (B, T, V)
+        cache = (c_emb, layer_caches, c_lnf, c_head, (B, T, KVH, G, hd))
+        return logits, cache
+
+    # ------------------------------------------------------------------ backward
+    def backward(self, dlogits, cache) -> dict[str, np.ndarray]:
+        """Mirror of forward, call by call in reverse. Returns grads keyed by HF names (for
+        trainable tensors only); a tied lm_head's gradient is folded into embed_tokens."""
+        cfg = self.config
+        c_emb, layer_caches, c_lnf, c_head, (B, T, KVH, G, hd) = cache
+        H = KVH * G
+        frozen = self.lora is not None
+        grads: dict[str, np.ndarray] = {}
+        dhN, dW_out, _ = ops.linear_backward(dlogits, c_head, need_dW=not frozen)
+        dx, dnorm = ops.rmsnorm_backward(dhN, c_lnf, need_dw=not frozen)
+        if not frozen:
+            grads["model.norm.weight"] = dnorm
+        for l in reversed(range(cfg.num_hidden_layers)):
+            pre = f"model.layers.{l}."
+            (c_ln1, c_q, c_k, c_v, c_rq, c_rk, c_att, c_o, c_ln2, c_g, c_u, c_act, c_d) = layer_caches[l]
+            # --- MLP block
+            dact = self._proj_backward(dx, c_d, grads)
+            dg, du = ops.swiglu_backward(dact, c_act)
+            dh2 = self._proj_backward(dg, c_g, grads)
+            dh2 += self._proj_backward(du, c_u, grads)
+            dres, dw = ops.rmsnorm_backward(dh2, c_ln2, need_dw=not frozen)
+            if not frozen:
+                grads[pre + "post_attention_layernorm.weight"] = dw
+            dx = dx + dres
+            # --- attention block
+            da = self._proj_backward(dx, c_o, grads)  # (B, T, H*hd)
+            da = da.reshape(B, T, KVH, G, hd).transpose(0, 2, 3, 1, 4)  # (B, KVH, G, T, hd)
+            dq, dk, dv = ops.attention_backward(da, c_att)
+            dq = ops.rope_backward(dq, c_rq)
+            dk = ops.rope_backward(dk, c_rk)
+            dq = dq.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
+            dk = dk.transpose(0, 2, 1, 3).reshape(B, T, KVH * hd)
+            dv = dv.transpose(0, 2, 1, 3).reshape(B, T, KVH * hd)
+            dh = self._proj_backward(dq, c_q, grads)
+            dh += self._proj_backward(dk, c_k, grads)
+            dh += self._proj_backward(dv, c_v, grads)
+            dres, dw = ops.rmsnorm_backward(dh, c_ln1, need_dw=not frozen)
+            if not frozen:
+                grads[pre + "input_layernorm.weight"] = dw
+            dx = dx + dres
+        if not frozen:
+            dE = ops.embedding_backward(dx, c_emb)
+            if cfg.tie_word_embeddings:
+                dE += dW_out
+            else:
+                grads["lm_head.weight"] = dW_out
+            grads["model.embed_tokens.weight"] = dE
+        return grads
+
+    # ------------------------------------------------------------------ public API
+    def logits(self, input_ids, attention_mask=None) -> np.ndarray:
+        """int array (B, T) -> logits (B, T, V) in the model dtype (float32)."""
+        lg, _ = self.forward(input_ids, attention_mask=attention_mask)
+        return lg
+
+    def loss_and_grads(self, input_ids, labels, attention_mask=None, train: bool = False, rng=None):
+        """HF semantics: labels aligned with input_ids, shifted inside, -100 ignored, mean over
+        counted tokens. Returns (loss: float, grads: name -> array)."""
+        ids = np.asarray(input_ids)
+        labels = np.asarray(labels)
+        if ids.ndim == 1:
+            ids, labels = ids[None], labels[None]
+        logits, cache = self.forward(ids, attention_mask=attention_mask, train=train, rng=rng)
+        loss, ce = ops.cross_entropy_forward(logits, labels)
+        del logits
+        dlogits = ops.cross_entropy_backward(ce, dtype=self.dtype)
+        return loss, self.backward(dlogits, cache)
+
+    def loss(self, input_ids, labels, attention_mask=None) -> tuple[float, int, int]:
+        """Evaluation: (mean loss, counted tokens, correctly predicted tokens)."""
+        ids = np.asarray(input_ids)
+        labels = np.asarray(labels)
+        if ids.ndim == 1:
+            ids, labels = ids[None], labels[None]
+        logits, _ = self.forward(ids, attention_mask=attention_mask)
+        loss, ce = ops.cross_entropy_forward(logits, labels)
+        return loss, ce[5], ce[6]
+
+    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+        cfg = self.config
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.hd)
+        L = cfg.num_hidden_layers
+        return KVCache([np.zeros(shape, self.dtype) for _ in range(L)],
+                       [np.zeros(shape, self.dtype) for _ in range(L)], 0)
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+                 seed: int | None = None, stop_ids: Sequence[int] = ()) -> Iterator[int]:
+        """Stream new token ids one by one (KV cache). temperature 0 = greedy. Stops after
+        max_new_tokens or when a stop id is produced (the stop id itself is not yielded)."""
+        from .sampling import sample_next
+
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("generate needs at least one prompt token")
+        rng = np.random.default_rng(seed)
+        gen_params = self.merged_params() if self.lora is not None else self.params
+        saved, saved_lora = self.params, self.lora
+        self.params, self.lora = gen_params, None
+        try:
+            total = len(prompt) + max_new_tokens
+            cache = self.new_kv_cache(1, total)
+            logits, _ = self.forward(np.array([prompt]), kv_cache=cache, last_only=True)
+            history = list(prompt)
+            stops = set(int(s) for s in stop_ids)
+            for _ in range(max_new_tokens):
+                nxt = sample_next(logits[0, -1], history, rng, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, repetition_penalty=repetition_penalty)
+                if nxt in stops:
+                    return
+                yield nxt
+                history.append(nxt)
+                if cache.length >= total:
+                    return
+                logits, _ = self.forward(np.array([[nxt]]), kv_cache=cache, last_only=True)
+        finally:
+            self.params, self.lora = saved, saved_lora
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, folder, dtype: str = "F32", extra_files: dict[str, bytes] | None = None) -> None:
+        """Write config.json + model.safetensors (LoRA merged) atomically as an HF folder."""
+        folder = Path(folder)
+        params = self.merged_params()
+        tmp = make_temp_dir_beside(folder)
+        try:
+            tensors = {k: v for k, v in params.items()}
+            if dtype == "BF16":
+                write_safetensors_bf16(tmp / "model.safetensors", tensors)
+            else:
+                write_safetensors(tmp / "model.safetensors", tensors, dtype=dtype)
+            cfgd = self.config.to_hf_dict()
+            cfgd["torch_dtype"] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]
+            atomic_write_json(tmp / "config.json", cfgd)
+            for name, data in (extra_files or {}).items():
+                (tmp / name).write_bytes(data)
+            replace_dir_atomically(tmp, folder)
+        except BaseException:
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def save_adapter(self, folder, base_model_name_or_path: str | None = None) -> None:
+        if self.lora is None:
+            raise ValueError("this model has no LoRA adapter to save")
+        save_peft_adapter(folder, self.lora, self.lora_config, base_model_name_or_path)
+
+    def num_parameters(self) -> int:
+        return int(sum(v.size for v in self.params.values()))
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"Model({c.model_type}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
+                f"heads={c.num_attention_heads}/{c.n_kv_heads}, vocab={c.vocab_size}, "
+                f"params={self.num_parameters():,}{', lora' if self.lora is not None else ''})")

@@ -1,0 +1,219 @@
+"""Forward/backward pairs of every op in the transformer, side by side.
+
+Each op is a pair `x_forward(...) -> (y, cache)` and `x_backward(dy, cache) -> (dx, grads...)`,
+with the cache an explicit tuple. Ops keep the dtype of their inputs, so the gradient tests
+run them in float64 while the model runs them in float32.
+
+Shape legend:
+    B  batch size              T  sequence length (queries)      S  key length (cache + T)
+    C  hidden size             V  vocabulary size                I  SwiGLU width
+    H  query heads             KVH key/value heads               G  = H // KVH (queries per KV head)
+    hd head dim                N  = B * T (flattened tokens)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------- embedding
+def embedding_forward(ids, W):
+    """ids (B, T) int, W (V, C) -> x (B, T, C)."""
+    return W[ids], (ids, W.shape)
+
+
+def embedding_backward(dx, cache):
+    """dx (B, T, C) -> dW (V, C): rows scatter-added at the looked-up ids."""
+    ids, wshape = cache
+    dW = np.zeros(wshape, dtype=dx.dtype)  # (V, C)
+    np.add.at(dW, ids.reshape(-1), dx.reshape(-1, wshape[1]))
+    return dW
+
+
+# ----------------------------------------------------------------------------- rmsnorm
+def rmsnorm_forward(x, w, eps):
+    """x (..., C), w (C,) -> y = x / rms(x) * w."""
+    rstd = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
+    xhat = x * rstd
+    return xhat * w, (xhat, w, rstd)
+
+
+def rmsnorm_backward(dy, cache, need_dw=True):
+    xhat, w, rstd = cache
+    dxhat = dy * w
+    dx = rstd * (dxhat - xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True))
+    dw = (dy.reshape(-1, dy.shape[-1]) * xhat.reshape(-1, xhat.shape[-1])).sum(axis=0) if need_dw else None
+    return dx, dw
+
+
+# ----------------------------------------------------------------------------- linear
+def linear_forward(x, W, b=None):
+    """x (..., in), W (out, in) [HF layout], b (out,) or None -> y (..., out)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = x2 @ W.T
+    if b is not None:
+        y += b
+    return y.reshape(*x.shape[:-1], W.shape[0]), (x, W, b is not None)
+
+
+def linear_backward(dy, cache, need_dW=True, need_dx=True):
+    """-> dx (..., in), dW (out, in) or None, db (out,) or None.
+
+    With need_dW=False (a frozen weight) no full-size weight gradient is computed."""
+    x, W, has_b = cache
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dx = (dy2 @ W).reshape(x.shape) if need_dx else None
+    dW = dy2.T @ x.reshape(-1, x.shape[-1]) if need_dW else None
+    db = dy2.sum(axis=0) if (has_b and need_dW) else None
+    return dx, dW, db
+
+
+# ----------------------------------------------------------------------------- rope
+def rope_tables(inv_freq, positions, dtype):
+    """inv_freq (hd/2,), positions (T,) -> cos, sin (T, hd) in the HF half-split layout."""
+    ang = np.outer(positions.astype(np.float64), inv_freq)  # (T, hd/2)
+    emb = np.concatenate([ang, ang], axis=-1)  # (T, hd)
+    return np.cos(emb).astype(dtype), np.sin(emb).astype(dtype)
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+def _rotate_half_T(y):
+    h = y.shape[-1] // 2
+    return np.concatenate([y[..., h:], -y[..., :h]], axis=-1)
+
+
+def rope_forward(x, cos, sin):
+    """x (..., T, hd), cos/sin (T, hd) -> rotated x (same shape)."""
+    return x * cos + _rotate_half(x) * sin, (cos, sin)
+
+
+def rope_backward(dy, cache):
+    cos, sin = cache
+    return dy * cos + _rotate_half_T(dy * sin)
+
+
+# ----------------------------------------------------------------------------- attention
+def attention_mask_bias(T, S, dtype, key_mask=None, window=None):
+    """Additive mask (B or 1, 1, T, S): query t (at absolute position S - T + t) sees keys j <= its
+    position, and with a sliding window only keys with position - j < window; key_mask (B, S) with
+    0 for padding keys hides those keys too."""
+    qpos = np.arange(S - T, S)[:, None]
+    kpos = np.arange(S)[None, :]
+    allowed = kpos <= qpos  # (T, S)
+    if window is not None:
+        allowed = allowed & (qpos - kpos < window)
+    neg = np.finfo(dtype).min
+    bias = np.where(allowed, 0.0, neg).astype(dtype)[None, None]  # (1, 1, T, S)
+    if key_mask is not None:
+        bias = bias + np.where(key_mask[:, None, None, :] > 0, 0.0, neg).astype(dtype)
+        bias = np.maximum(bias, neg)
+    return bias
+
+
+def attention_forward(q, k, v, mask_bias):
+    """Causal grouped-query attention.
+
+    q (B, KVH, G, T, hd), k/v (B, KVH, S, hd), mask_bias (B|1, 1, T, S) additive
+    -> out (B, KVH, G, T, hd). The G query heads that share a KV head are stacked into one
+    matrix (G*T rows), so each KV head needs one matmul and no K/V copies."""
+    B, KVH, G, T, hd = q.shape
+    S = k.shape[2]
+    scale = 1.0 / np.sqrt(hd)
+    q2 = q.reshape(B, KVH, G * T, hd)
+    att = q2 @ k.swapaxes(-1, -2)  # (B, KVH, G*T, S)
+    att *= scale
+    att = att.reshape(B, KVH, G, T, S)
+    att += mask_bias[:, :, None]  # broadcast over KVH and G
+    att -= att.max(axis=-1, keepdims=True)
+    np.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)
+    p = att.reshape(B, KVH, G * T, S)
+    out = (p @ v).reshape(B, KVH, G, T, hd)
+    return out, (q2, k, v, p, scale, G)
+
+
+def attention_backward(dout, cache):
+    """-> dq (B, KVH, G, T, hd), dk, dv (B, KVH, S, hd)."""
+    q2, k, v, p, scale, G = cache
+    B, KVH, GT, hd = q2.shape
+    do2 = dout.reshape(B, KVH, GT, hd)
+    dv = p.swapaxes(-1, -2) @ do2  # (B, KVH, S, hd), summed over the G heads
+    dp = do2 @ v.swapaxes(-1, -2)  # (B, KVH, G*T, S)
+    # softmax backward: ds = p * (dp - sum(dp * p))
+    dp -= np.einsum("bkrs,bkrs->bkr", dp, p)[..., None]
+    dp *= p
+    dp *= scale
+    dq = (dp @ k).reshape(B, KVH, G, GT // G, hd)
+    dk = dp.swapaxes(-1, -2) @ q2  # (B, KVH, S, hd)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- swiglu
+def _sigmoid(x):
+    # stable for large |x| in both directions
+    out = np.empty_like(x)
+    pos = x >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
+    ex = np.exp(x[~pos])
+    out[~pos] = ex / (1.0 + ex)
+    return out
+
+
+def swiglu_forward(gate, up):
+    """gate, up (..., I) -> silu(gate) * up."""
+    sg = _sigmoid(gate)
+    return gate * sg * up, (gate, up, sg)
+
+
+def swiglu_backward(dy, cache):
+    gate, up, sg = cache
+    silu = gate * sg
+    dup = dy * silu
+    dgate = dy * up * (sg * (1.0 + gate * (1.0 - sg)))
+    return dgate, dup
+
+
+# ----------------------------------------------------------------------------- cross entropy
+def cross_entropy_forward(logits, labels):
+    """HF causal-LM loss. logits (B, T, V), labels (B, T) aligned with the inputs: position t
+    predicts labels[t + 1]; IGNORE_INDEX (-100) is skipped; mean over counted tokens.
+
+    Returns (loss, cache) where cache holds what the backward and the token accuracy need."""
+    B, T, V = logits.shape
+    targets = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+    targets[:, :-1] = labels[:, 1:]
+    t = targets.reshape(-1)  # (N,)
+    valid = t != IGNORE_INDEX
+    n = int(valid.sum())
+    lg = logits.reshape(-1, V)[valid]  # (n, V)
+    tv = t[valid]
+    m = lg.max(axis=-1, keepdims=True)
+    z = lg - m
+    lse = np.log(np.exp(z).sum(axis=-1))  # (n,)
+    nll = lse - z[np.arange(n), tv]
+    loss = float(nll.sum() / max(n, 1)) if n else 0.0
+    correct = int((lg.argmax(axis=-1) == tv).sum()) if n else 0
+    return loss, (logits.shape, valid, tv, z, lse, n, correct)
+
+
+def cross_entropy_backward(cache, dtype=np.float32):
+    """-> dlogits (B, T, V) for d(loss)/d(logits) with loss as the mean over counted tokens."""
+    shape, valid, tv, z, lse, n, _ = cache
+    B, T, V = shape
+    dl = np.zeros((B * T, V), dtype=dtype)
+    if n:
+        g = np.exp(z - lse[:, None])  # softmax (n, V)
+        g[np.arange(n), tv] -= 1.0
+        g /= n
+        dl[valid] = g
+    return dl.reshape(B, T, V)
+
+
+def token_accuracy(ce_cache):
+    n, correct = ce_cache[5], ce_cache[6]
+    return correct / n if n else 0.0

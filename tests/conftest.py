@@ -1,0 +1,13 @@
+"""Shared test setup: Qt offscreen, app data in a temp dir, small model fixtures."""
+import os
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _app_home(tmp_path, monkeypatch):
+    """Every test gets its own FINETUNE_DESKTOP_HOME so nothing touches the user's runs."""
+    monkeypatch.setenv("FINETUNE_DESKTOP_HOME", str(tmp_path / "home"))
+    yield
