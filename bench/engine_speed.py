@@ -62,8 +62,13 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--gen-tokens", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=0, help="limit BLAS/torch threads (0 = default)")
     args = ap.parse_args()
     import torch
+    if args.threads:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(args.threads)
+        torch.set_num_threads(args.threads)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)

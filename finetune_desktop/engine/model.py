@@ -95,6 +95,8 @@ class Model:
         self.lora_config: LoraConfig | None = None
         self.source: str | None = None
         self._rope_cache: dict = {}
+        self._fuse_cache: dict = {}
+        self._cache_fused = False   # set while generating (weights cannot change meanwhile)
 
     # ------------------------------------------------------------------ construction
     def _check_params(self, source: str = "weights") -> None:
@@ -175,31 +177,58 @@ class Model:
             self._rope_cache[key] = ops.rope_tables(self.config.inv_freq(), positions, self.dtype)
         return self._rope_cache[key]
 
-    def _proj_forward(self, wname_stem: str, x, train: bool, rng):
+    def _fused(self, stems: tuple[str, ...]):
+        """Weight (sum out, in) and bias of one or more projections that share an input, so
+        q/k/v and gate/up each run as one larger matmul. Cached while the weights are unchanged."""
         p = self.params
-        W = p[wname_stem + ".weight"]
-        b = p.get(wname_stem + ".bias")
+        if len(stems) == 1:
+            return p[stems[0] + ".weight"], p.get(stems[0] + ".bias")
+        ent = self._fuse_cache.get(stems)
+        Ws = [p[s + ".weight"] for s in stems]
+        if ent is not None and all(a is b for a, b in zip(ent[2], Ws)):
+            return ent[0], ent[1]
+        W = np.concatenate(Ws, axis=0)
+        bs = [p.get(s + ".bias") for s in stems]
+        b = np.concatenate(bs) if all(x is not None for x in bs) else None
+        # Frozen base weights (LoRA training, generation) never change in place, so the fused
+        # copy can be kept; full fine-tuning updates them in place every step, so it cannot.
+        if self.lora is not None or self._cache_fused:
+            self._fuse_cache[stems] = (W, b, Ws)
+        return W, b
+
+    def _proj_forward(self, stems: tuple[str, ...], x, train: bool, rng):
+        """x (..., in) -> y (..., sum of the projections' out sizes), with LoRA added per projection."""
+        W, b = self._fused(stems)
         y, lc = ops.linear_forward(x, W, b)
-        lcache = None
+        lcaches = []
         if self.lora is not None:
-            an, bn = lora_names(wname_stem + ".weight")
-            if an in self.lora:
-                dy, lcache = lora_forward(x, self.lora[an], self.lora[bn], self.lora_config.scale,
-                                          self.lora_config.dropout if train else 0.0, rng)
-                y += dy
-        return y, (wname_stem, lc, lcache)
+            off = 0
+            for stem in stems:
+                n_out = self.params[stem + ".weight"].shape[0]
+                an, bn = lora_names(stem + ".weight")
+                if an in self.lora:
+                    dy, lcache = lora_forward(x, self.lora[an], self.lora[bn], self.lora_config.scale,
+                                              self.lora_config.dropout if train else 0.0, rng)
+                    y[..., off:off + n_out] += dy
+                    lcaches.append((stem, off, n_out, lcache))
+                off += n_out
+        return y, (stems, lc, lcaches)
 
     def _proj_backward(self, dy, cache, grads, need_dx=True):
-        stem, lc, lcache = cache
+        stems, lc, lcaches = cache
         frozen = self.lora is not None
         dx, dW, db = ops.linear_backward(dy, lc, need_dW=not frozen, need_dx=need_dx)
         if not frozen:
-            grads[stem + ".weight"] = dW
-            if db is not None:
-                grads[stem + ".bias"] = db
-        if lcache is not None:
+            off = 0
+            for stem in stems:
+                n_out = self.params[stem + ".weight"].shape[0]
+                grads[stem + ".weight"] = dW[off:off + n_out] if len(stems) > 1 else dW
+                if db is not None:
+                    grads[stem + ".bias"] = db[off:off + n_out] if len(stems) > 1 else db
+                off += n_out
+        for stem, off, n_out, lcache in lcaches:
             an, bn = lora_names(stem + ".weight")
-            ldx, dA, dB = lora_backward(dy, lcache)
+            ldx, dA, dB = lora_backward(dy[..., off:off + n_out], lcache)
             grads[an] = dA
             grads[bn] = dB
             if need_dx:
@@ -234,9 +263,10 @@ class Model:
             pre = f"model.layers.{l}."
             # --- attention block
             h, c_ln1 = ops.rmsnorm_forward(x, p[pre + "input_layernorm.weight"], cfg.rms_norm_eps)
-            q, c_q = self._proj_forward(pre + "self_attn.q_proj", h, train, rng)  # (B, T, H*hd)
-            k, c_k = self._proj_forward(pre + "self_attn.k_proj", h, train, rng)  # (B, T, KVH*hd)
-            v, c_v = self._proj_forward(pre + "self_attn.v_proj", h, train, rng)
+            qkv, c_qkv = self._proj_forward((pre + "self_attn.q_proj", pre + "self_attn.k_proj",
+                                             pre + "self_attn.v_proj"), h, train, rng)  # (B, T, (H+2KVH)*hd)
+            nq, nkv = H * hd, KVH * hd
+            q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
             q = q.reshape(B, T, KVH, G, hd).transpose(0, 2, 3, 1, 4)  # (B, KVH, G, T, hd)
             k = k.reshape(B, T, KVH, hd).transpose(0, 2, 1, 3)  # (B, KVH, T, hd)
             v = v.reshape(B, T, KVH, hd).transpose(0, 2, 1, 3)
@@ -250,17 +280,18 @@ class Model:
                 k_all, v_all = k, np.ascontiguousarray(v)
             a, c_att = ops.attention_forward(q, k_all, v_all, mask_bias)  # (B, KVH, G, T, hd)
             a = a.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
-            o, c_o = self._proj_forward(pre + "self_attn.o_proj", a, train, rng)  # (B, T, C)
+            o, c_o = self._proj_forward((pre + "self_attn.o_proj",), a, train, rng)  # (B, T, C)
             x = x + o
             # --- MLP block
             h2, c_ln2 = ops.rmsnorm_forward(x, p[pre + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
-            g, c_g = self._proj_forward(pre + "mlp.gate_proj", h2, train, rng)  # (B, T, I)
-            u, c_u = self._proj_forward(pre + "mlp.up_proj", h2, train, rng)
-            act, c_act = ops.swiglu_forward(g, u)
-            d, c_d = self._proj_forward(pre + "mlp.down_proj", act, train, rng)  # (B, T, C)
+            gu, c_gu = self._proj_forward((pre + "mlp.gate_proj", pre + "mlp.up_proj"), h2, train, rng)  # (B, T, 2I)
+            I = gu.shape[-1] // 2
+            act, c_act = ops.swiglu_forward(gu[..., :I], gu[..., I:])
+            del gu
+            d, c_d = self._proj_forward((pre + "mlp.down_proj",), act, train, rng)  # (B, T, C)
             x = x + d
             if kv_cache is None:
-                layer_caches.append((c_ln1, c_q, c_k, c_v, c_rq, c_rk, c_att, c_o, c_ln2, c_g, c_u, c_act, c_d))
+                layer_caches.append((c_ln1, c_qkv, c_rq, c_rk, c_att, c_o, c_ln2, c_gu, c_act, c_d))
         if kv_cache is not None:
             kv_cache.length = S
         if last_only:
@@ -286,12 +317,11 @@ class Model:
             grads["model.norm.weight"] = dnorm
         for l in reversed(range(cfg.num_hidden_layers)):
             pre = f"model.layers.{l}."
-            (c_ln1, c_q, c_k, c_v, c_rq, c_rk, c_att, c_o, c_ln2, c_g, c_u, c_act, c_d) = layer_caches[l]
+            (c_ln1, c_qkv, c_rq, c_rk, c_att, c_o, c_ln2, c_gu, c_act, c_d) = layer_caches[l]
             # --- MLP block
             dact = self._proj_backward(dx, c_d, grads)
             dg, du = ops.swiglu_backward(dact, c_act)
-            dh2 = self._proj_backward(dg, c_g, grads)
-            dh2 += self._proj_backward(du, c_u, grads)
+            dh2 = self._proj_backward(np.concatenate([dg, du], axis=-1), c_gu, grads)
             dres, dw = ops.rmsnorm_backward(dh2, c_ln2, need_dw=not frozen)
             if not frozen:
                 grads[pre + "post_attention_layernorm.weight"] = dw
@@ -302,12 +332,12 @@ class Model:
             dq, dk, dv = ops.attention_backward(da, c_att)
             dq = ops.rope_backward(dq, c_rq)
             dk = ops.rope_backward(dk, c_rk)
-            dq = dq.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
-            dk = dk.transpose(0, 2, 1, 3).reshape(B, T, KVH * hd)
-            dv = dv.transpose(0, 2, 1, 3).reshape(B, T, KVH * hd)
-            dh = self._proj_backward(dq, c_q, grads)
-            dh += self._proj_backward(dk, c_k, grads)
-            dh += self._proj_backward(dv, c_v, grads)
+            dqkv = np.empty((B, T, (H + 2 * KVH) * hd), dtype=dq.dtype)  # (B, T, (H+2KVH)*hd)
+            nq, nkv = H * hd, KVH * hd
+            dqkv[..., :nq] = dq.transpose(0, 3, 1, 2, 4).reshape(B, T, nq)
+            dqkv[..., nq:nq + nkv] = dk.transpose(0, 2, 1, 3).reshape(B, T, nkv)
+            dqkv[..., nq + nkv:] = dv.transpose(0, 2, 1, 3).reshape(B, T, nkv)
+            dh = self._proj_backward(dqkv, c_qkv, grads)
             dres, dw = ops.rmsnorm_backward(dh, c_ln1, need_dw=not frozen)
             if not frozen:
                 grads[pre + "input_layernorm.weight"] = dw
@@ -371,14 +401,19 @@ class Model:
         gen_params = self.merged_params() if self.lora is not None else self.params
         saved, saved_lora = self.params, self.lora
         self.params, self.lora = gen_params, None
+        self._fuse_cache.clear()
+        self._cache_fused = True
         try:
             total = len(prompt) + max_new_tokens
             cache = self.new_kv_cache(1, total)
             logits, _ = self.forward(np.array([prompt]), kv_cache=cache, last_only=True)
+            last = logits[0, -1]
+            packed = self._pack_for_decoding()
+            cos_all, sin_all = ops.rope_tables(self.config.inv_freq(), np.arange(total), self.dtype)
             history = list(prompt)
             stops = set(int(s) for s in stop_ids)
             for _ in range(max_new_tokens):
-                nxt = sample_next(logits[0, -1], history, rng, temperature=temperature, top_k=top_k,
+                nxt = sample_next(last, history, rng, temperature=temperature, top_k=top_k,
                                   top_p=top_p, repetition_penalty=repetition_penalty)
                 if nxt in stops:
                     return
@@ -386,9 +421,84 @@ class Model:
                 history.append(nxt)
                 if cache.length >= total:
                     return
-                logits, _ = self.forward(np.array([[nxt]]), kv_cache=cache, last_only=True)
+                last = self._decode_one(nxt, cache, packed, cos_all[cache.length], sin_all[cache.length])
         finally:
             self.params, self.lora = saved, saved_lora
+            self._fuse_cache.clear()
+            self._cache_fused = False
+
+    def _pack_for_decoding(self):
+        """Weights for the one-token decode path, built once per generate call: projections that
+        share an input fused and transposed for x @ W, with the RMSNorm weight folded into the
+        rows of the matrix that follows it (so a norm costs one scalar)."""
+        p, cfg = self.params, self.config
+        layers = []
+        for l in range(cfg.num_hidden_layers):
+            pre = f"model.layers.{l}."
+            Wqkv, bqkv = self._fused((pre + "self_attn.q_proj", pre + "self_attn.k_proj", pre + "self_attn.v_proj"))
+            Wgu, bgu = self._fused((pre + "mlp.gate_proj", pre + "mlp.up_proj"))
+            wn1 = p[pre + "input_layernorm.weight"][:, None]
+            wn2 = p[pre + "post_attention_layernorm.weight"][:, None]
+            layers.append((np.ascontiguousarray(Wqkv.T * wn1), bqkv,
+                           np.ascontiguousarray(p[pre + "self_attn.o_proj.weight"].T), p.get(pre + "self_attn.o_proj.bias"),
+                           np.ascontiguousarray(Wgu.T * wn2), bgu,
+                           np.ascontiguousarray(p[pre + "mlp.down_proj.weight"].T), p.get(pre + "mlp.down_proj.bias")))
+        W_out = p["model.embed_tokens.weight"] if cfg.tie_word_embeddings else p["lm_head.weight"]
+        W_out = np.ascontiguousarray(W_out * p["model.norm.weight"][None, :])
+        hd = cfg.hd
+        half = hd // 2
+        perm = np.concatenate([np.arange(half, hd), np.arange(half)])
+        sign = np.concatenate([-np.ones(half), np.ones(half)]).astype(self.dtype)
+        return layers, W_out, perm, sign
+
+    def _decode_one(self, token: int, cache: KVCache, packed, cos, sin):
+        """One new token through all layers with the KV cache -> next-token logits (V,).
+        A lean path of the same maths as forward() (tests check they agree)."""
+        cfg = self.config
+        layers, W_out, perm, sign = packed
+        eps = cfg.rms_norm_eps
+        KVH, hd, H = cfg.n_kv_heads, cfg.hd, cfg.num_attention_heads
+        G = H // KVH
+        C = cfg.hidden_size
+        nq, nkv = H * hd, KVH * hd
+        pos = cache.length
+        S = pos + 1
+        s0 = 0 if cfg.sliding_window is None else max(0, S - cfg.sliding_window)
+        scale = 1.0 / np.sqrt(hd)
+        sin_s = sin * sign  # rotate_half(x) * sin == x[perm] * (sign * sin)
+        x = self.params["model.embed_tokens.weight"][token].copy()  # (C,)
+        for l, (Wqkv, bqkv, Wo, bo, Wgu, bgu, Wd, bd) in enumerate(layers):
+            qkv = (x @ Wqkv) * (1.0 / np.sqrt(np.dot(x, x) / C + eps))  # norm folded into Wqkv
+            if bqkv is not None:
+                qkv += bqkv
+            qk = qkv[:nq + nkv].reshape(H + KVH, hd)
+            qk = qk * cos + qk[:, perm] * sin_s  # RoPE on all query and key heads at once
+            q = qk[:H].reshape(KVH, G, hd)
+            kc, vc = cache.k[l][0], cache.v[l][0]  # (KVH, S_max, hd)
+            kc[:, pos] = qk[H:]
+            vc[:, pos] = qkv[nq + nkv:].reshape(KVH, hd)
+            att = q @ kc[:, s0:S].swapaxes(-1, -2)  # (KVH, G, S)
+            att *= scale
+            att -= att.max(axis=-1, keepdims=True)
+            np.exp(att, out=att)
+            att /= att.sum(axis=-1, keepdims=True)
+            o = (att @ vc[:, s0:S]).reshape(nq) @ Wo
+            if bo is not None:
+                o += bo
+            x += o
+            gu = (x @ Wgu) * (1.0 / np.sqrt(np.dot(x, x) / C + eps))
+            if bgu is not None:
+                gu += bgu
+            I = gu.shape[0] // 2
+            g = gu[:I]
+            with np.errstate(over="ignore"):
+                act = g / (1.0 + np.exp(-g)) * gu[I:]
+            d = act @ Wd
+            if bd is not None:
+                d += bd
+            x += d
+        cache.length = S
+        return (W_out @ x) * (1.0 / np.sqrt(np.dot(x, x) / C + eps))  # (V,)
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, folder, dtype: str = "F32", extra_files: dict[str, bytes] | None = None) -> None:

@@ -155,12 +155,12 @@ def attention_backward(dout, cache):
 
 # ----------------------------------------------------------------------------- swiglu
 def _sigmoid(x):
-    # stable for large |x| in both directions
-    out = np.empty_like(x)
-    pos = x >= 0
-    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
-    ex = np.exp(x[~pos])
-    out[~pos] = ex / (1.0 + ex)
+    """Logistic function; exp overflow for very negative x gives 1/inf = 0, which is exact."""
+    with np.errstate(over="ignore"):
+        out = np.negative(x)
+        np.exp(out, out=out)
+        out += 1.0
+        np.reciprocal(out, out=out)
     return out
 
 
@@ -183,34 +183,43 @@ def cross_entropy_forward(logits, labels):
     """HF causal-LM loss. logits (B, T, V), labels (B, T) aligned with the inputs: position t
     predicts labels[t + 1]; IGNORE_INDEX (-100) is skipped; mean over counted tokens.
 
-    Returns (loss, cache) where cache holds what the backward and the token accuracy need."""
+    Returns (loss, cache); the cache keeps the softmax of the counted rows for the backward,
+    and cache[5], cache[6] are the counted and correctly predicted token counts."""
     B, T, V = logits.shape
     targets = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
     targets[:, :-1] = labels[:, 1:]
     t = targets.reshape(-1)  # (N,)
     valid = t != IGNORE_INDEX
     n = int(valid.sum())
-    lg = logits.reshape(-1, V)[valid]  # (n, V)
+    if n == 0:
+        return 0.0, (logits.shape, valid, t[valid], None, None, 0, 0)
+    lg = logits.reshape(-1, V)[valid]  # (n, V) a copy: becomes the softmax in place
     tv = t[valid]
-    m = lg.max(axis=-1, keepdims=True)
-    z = lg - m
-    lse = np.log(np.exp(z).sum(axis=-1))  # (n,)
-    nll = lse - z[np.arange(n), tv]
-    loss = float(nll.sum() / max(n, 1)) if n else 0.0
-    correct = int((lg.argmax(axis=-1) == tv).sum()) if n else 0
-    return loss, (logits.shape, valid, tv, z, lse, n, correct)
+    rows = np.arange(n)
+    correct = int((lg.argmax(axis=-1) == tv).sum())
+    lg -= lg.max(axis=-1, keepdims=True)
+    picked = lg[rows, tv].astype(np.float64)
+    np.exp(lg, out=lg)
+    s = lg.sum(axis=-1, keepdims=True)
+    lg /= s
+    nll = np.log(s[:, 0].astype(np.float64)) - picked
+    loss = float(nll.sum() / n)
+    return loss, (logits.shape, valid, tv, lg, None, n, correct)
 
 
 def cross_entropy_backward(cache, dtype=np.float32):
     """-> dlogits (B, T, V) for d(loss)/d(logits) with loss as the mean over counted tokens."""
-    shape, valid, tv, z, lse, n, _ = cache
+    shape, valid, tv, probs, _, n, _ = cache
     B, T, V = shape
     dl = np.zeros((B * T, V), dtype=dtype)
     if n:
-        g = np.exp(z - lse[:, None])  # softmax (n, V)
+        g = probs  # reuse the cached softmax (the cache is spent after this)
         g[np.arange(n), tv] -= 1.0
-        g /= n
-        dl[valid] = g
+        g *= 1.0 / n
+        if n == B * T:
+            dl = g.astype(dtype, copy=False)
+        else:
+            dl[valid] = g
     return dl.reshape(B, T, V)
 
 
