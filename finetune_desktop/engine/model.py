@@ -10,7 +10,11 @@ H query heads, KVH key/value heads, G = H // KVH, hd head dim.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -75,6 +79,57 @@ def init_params(cfg: ModelConfig, seed: int = 0, std: float = 0.02, dtype=np.flo
     return out
 
 
+def default_threads() -> int:
+    env = os.environ.get("FINETUNE_DESKTOP_THREADS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    with _POOL_LOCK:
+        if n not in _POOLS:
+            _POOLS[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="engine")
+        return _POOLS[n]
+
+
+_BLAS = {"ctl": None, "limiter": None, "users": 0}
+_BLAS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _parallel_section():
+    """Single-threaded BLAS while our own shard threads run (no oversubscription). Reference
+    counted, so overlapping sections from several threads restore the original setting once."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # optional: without it BLAS may oversubscribe, but results are the same
+        yield
+        return
+    with _BLAS_LOCK:
+        if _BLAS["ctl"] is None:
+            _BLAS["ctl"] = ThreadpoolController()
+        if _BLAS["users"] == 0:
+            _BLAS["limiter"] = _BLAS["ctl"].limit(limits=1, user_api="blas")
+        _BLAS["users"] += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS["users"] -= 1
+            if _BLAS["users"] == 0:
+                _BLAS["limiter"].restore_original_limits()
+                _BLAS["limiter"] = None
+
+
 @dataclass
 class KVCache:
     """Per-layer keys/values after RoPE: k, v (B, KVH, S_max, hd); `length` positions filled."""
@@ -97,6 +152,7 @@ class Model:
         self._rope_cache: dict = {}
         self._fuse_cache: dict = {}
         self._cache_fused = False   # set while generating (weights cannot change meanwhile)
+        self.threads = default_threads()  # batch shards run in parallel (see forward)
 
     # ------------------------------------------------------------------ construction
     def _check_params(self, source: str = "weights") -> None:
@@ -241,12 +297,32 @@ class Model:
         """input_ids (B, T) -> logits (B, T, V) [or (B, 1, V) with last_only], cache for backward.
 
         With kv_cache, the new tokens are appended at positions cache.length.. and attend to
-        everything before them. attention_mask (B, S) marks real (1) and padding (0) keys."""
-        cfg = self.config
-        p = self.params
+        everything before them. attention_mask (B, S) marks real (1) and padding (0) keys.
+
+        A batch of several sequences is split into `self.threads` shards that run in parallel
+        threads, each with single-threaded BLAS (numpy releases the GIL in matmuls and large
+        ufuncs). On a small CPU this beats one multi-threaded BLAS: the elementwise work runs in
+        parallel too, and there is no BLAS thread spinning when the machine is busy."""
         ids = np.asarray(input_ids)
         if ids.ndim == 1:
             ids = ids[None]
+        n = min(self.threads, ids.shape[0])
+        if kv_cache is not None or n <= 1:
+            return self._forward_one(ids, attention_mask, kv_cache, train, rng, last_only)
+        bounds = np.linspace(0, ids.shape[0], n + 1).astype(int)
+        shards = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        rngs = [None] * n if rng is None else [np.random.default_rng(int(rng.integers(2**63))) for _ in range(n)]
+        masks = [None if attention_mask is None else np.asarray(attention_mask)[s] for s in shards]
+        with _parallel_section():
+            outs = list(_pool(n).map(lambda i: self._forward_one(ids[shards[i]], masks[i], None, train, rngs[i], last_only),
+                                     range(n)))
+        logits = np.concatenate([o[0] for o in outs], axis=0)
+        return logits, ("sharded", shards, [o[1] for o in outs])
+
+    def _forward_one(self, ids, attention_mask=None, kv_cache: KVCache | None = None,
+                     train: bool = False, rng=None, last_only: bool = False):
+        cfg = self.config
+        p = self.params
         B, T = ids.shape
         if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
             raise ValueError(f"token id out of range [0, {cfg.vocab_size})")
@@ -305,7 +381,22 @@ class Model:
     # ------------------------------------------------------------------ backward
     def backward(self, dlogits, cache) -> dict[str, np.ndarray]:
         """Mirror of forward, call by call in reverse. Returns grads keyed by HF names (for
-        trainable tensors only); a tied lm_head's gradient is folded into embed_tokens."""
+        trainable tensors only); a tied lm_head's gradient is folded into embed_tokens.
+        Sharded batches run their shards in parallel and the gradients are summed in shard order
+        (deterministic)."""
+        if cache[0] == "sharded":
+            _, shards, caches = cache
+            n = len(shards)
+            with _parallel_section():
+                parts = list(_pool(n).map(lambda i: self._backward_one(dlogits[shards[i]], caches[i]), range(n)))
+            grads = parts[0]
+            for part in parts[1:]:
+                for k, g in part.items():
+                    grads[k] = grads[k] + g
+            return grads
+        return self._backward_one(dlogits, cache)
+
+    def _backward_one(self, dlogits, cache) -> dict[str, np.ndarray]:
         cfg = self.config
         c_emb, layer_caches, c_lnf, c_head, (B, T, KVH, G, hd) = cache
         H = KVH * G
