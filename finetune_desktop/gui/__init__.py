@@ -10,6 +10,8 @@ __all__ = ["MainWindow", "run_app"]
 
 
 def __getattr__(name):
+    import importlib
+    importlib.import_module(__name__ + ".qtcompat")  # binding work-arounds first
     if name == "MainWindow":
         from .main_window import MainWindow
         return MainWindow

@@ -1,0 +1,371 @@
+"""The live loss chart: train loss raw + smoothed, validation points, epoch boundaries, token
+accuracy (right axis) and the learning rate in a small linked chart below.
+
+Points go into preallocated buffers when they arrive; a QTimer redraws at most 10 times a
+second, only when something changed. Clip-to-view and peak downsampling keep 100,000 points
+smooth."""
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtWidgets import (QCheckBox, QFileDialog, QHBoxLayout, QLabel, QPushButton, QSizePolicy,
+                               QSlider, QVBoxLayout, QWidget)
+
+from . import style
+from .buffers import EmaState, Series
+
+STEP_COLS = ("step", "epoch", "loss", "smooth", "acc", "lr", "grad_norm", "tps")
+EVAL_COLS = ("step", "epoch", "valid_loss", "valid_acc")
+
+
+class LossChart(pg.PlotWidget):
+    """objectName `lossChart`: a pyqtgraph PlotWidget that owns its data buffers."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent=parent, background="w")
+        self.setObjectName("lossChart")
+        self.setAccessibleName("Loss chart")
+        self.setMinimumHeight(160)
+        pi = self.getPlotItem()
+        pi.showGrid(x=True, y=True, alpha=0.2)
+        pi.setLabel("left", "loss")
+        pi.setLabel("bottom", "step")
+        pi.setClipToView(True)
+        pi.setDownsampling(auto=True, mode="peak")
+        pi.addLegend(offset=(-8, 8), labelTextSize="8pt", brush=(255, 255, 255, 210), pen=(200, 200, 200))
+        self.raw_curve = pi.plot(pen=pg.mkPen(style.TRAIN_RAW, width=1), name="train loss")
+        self.smooth_curve = pi.plot(pen=pg.mkPen(style.TRAIN_SMOOTH, width=2), name="train (smoothed)")
+        self.valid_curve = pi.plot(pen=pg.mkPen(style.VALID, width=1.5, style=Qt.PenStyle.DashLine),
+                                   symbol="o", symbolSize=7, symbolBrush=style.VALID, symbolPen=None,
+                                   name="validation loss")
+        for c in (self.raw_curve, self.smooth_curve):
+            c.setClipToView(True)
+            c.setDownsampling(auto=True, method="peak")
+        # token accuracy on its own right-hand axis (0..1)
+        self.acc_view = pg.ViewBox()
+        pi.showAxis("right")
+        pi.scene().addItem(self.acc_view)
+        pi.getAxis("right").linkToView(self.acc_view)
+        pi.getAxis("right").setLabel("token accuracy", color=_hex(style.ACCURACY))
+        self.acc_view.setXLink(pi)
+        self.acc_view.setYRange(0, 1, padding=0.02)
+        self.acc_view.setMouseEnabled(x=False, y=False)
+        self.acc_curve = pg.PlotDataItem(pen=pg.mkPen(style.ACCURACY, width=1.2))
+        self.acc_curve.setClipToView(True)
+        self.acc_curve.setDownsampling(auto=True, method="peak")
+        self.acc_view.addItem(self.acc_curve)
+        pi.legend.addItem(self.acc_curve, "token accuracy")
+        pi.vb.sigResized.connect(self._sync_views)
+        self.cursor = pg.InfiniteLine(angle=90, movable=False, pen=pg.mkPen((90, 90, 90, 120), width=1))
+        self.cursor.setVisible(False)
+        pi.addItem(self.cursor, ignoreBounds=True)
+        self.epoch_lines: list[pg.InfiniteLine] = []
+        self.overlays: dict[str, pg.PlotDataItem] = {}
+
+
+    def _sync_views(self):
+        self.acc_view.setGeometry(self.getPlotItem().vb.sceneBoundingRect())
+        self.acc_view.linkedViewChanged(self.getPlotItem().vb, self.acc_view.XAxis)
+
+    def add_epoch_line(self, step: float, epoch: int) -> None:
+        line = pg.InfiniteLine(pos=step, angle=90, movable=False,
+                               pen=pg.mkPen((150, 150, 150), width=1, style=Qt.PenStyle.DotLine),
+                               label=f"epoch {epoch}", labelOpts={"position": 0.95, "color": (110, 110, 110)})
+        self.getPlotItem().addItem(line, ignoreBounds=True)
+        self.epoch_lines.append(line)
+
+    def clear_epoch_lines(self) -> None:
+        for line in self.epoch_lines:
+            self.getPlotItem().removeItem(line)
+        self.epoch_lines.clear()
+
+    def point_count(self) -> int:
+        """Number of train-loss points currently drawn (tests and scripts read this)."""
+        x, _ = self.raw_curve.getOriginalDataset()
+        return 0 if x is None else len(x)
+
+
+class LossPanel(QWidget):
+    """The loss chart, the linked learning-rate chart, a hover readout and export buttons."""
+
+    redrawn = Signal()
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.chart = LossChart(self)
+        self.lr_chart = pg.PlotWidget(background="w")
+        self.lr_chart.setObjectName("lrChart")
+        self.lr_chart.setMaximumHeight(90)
+        self.lr_chart.setMinimumHeight(60)
+        lp = self.lr_chart.getPlotItem()
+        lp.setLabel("left", "LR")
+        lp.getAxis("left").enableAutoSIPrefix(False)
+        lp.getAxis("left").setWidth(self.chart.getPlotItem().getAxis("left").width())
+        lp.showAxis("right")
+        lp.getAxis("right").setStyle(showValues=False)
+        lp.getAxis("right").setWidth(self.chart.getPlotItem().getAxis("right").width() or 45)
+        lp.showGrid(x=True, y=True, alpha=0.2)
+        lp.setXLink(self.chart.getPlotItem())
+        lp.setClipToView(True)
+        lp.setDownsampling(auto=True, mode="peak")
+        lp.hideButtons()
+        self.lr_curve = lp.plot(pen=pg.mkPen(style.LR, width=1.5))
+        self.readout = QLabel("Hover over the chart to read values.")
+        self.readout.setObjectName("chartReadout")
+        self.readout.setTextFormat(Qt.TextFormat.PlainText)
+        self.readout.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.readout.setStyleSheet("color: #44515f;")
+        self.smooth_slider = QSlider(Qt.Orientation.Horizontal)
+        self.smooth_slider.setRange(0, 99)
+        self.smooth_slider.setValue(80)
+        self.smooth_slider.setMaximumWidth(110)
+        self.smooth_slider.setToolTip("How much to smooth the training loss line. 0 = raw values; "
+                                      "higher = a calmer line that reacts later.")
+        self.smooth_slider.valueChanged.connect(self._smoothing_changed)
+        self.show_acc = QCheckBox("Accuracy")
+        self.show_acc.setChecked(True)
+        self.show_acc.setToolTip("Show the share of answer tokens the model predicts exactly (right axis).")
+        self.show_acc.toggled.connect(self._toggle_acc)
+        self.png_button = QPushButton("PNG…")
+        self.png_button.setToolTip("Save the chart as a picture.")
+        self.png_button.clicked.connect(self._export_png_dialog)
+        self.csv_button = QPushButton("CSV…")
+        self.csv_button.setToolTip("Save every point of the chart as a spreadsheet file.")
+        self.csv_button.clicked.connect(self._export_csv_dialog)
+        top = QHBoxLayout()
+        top.setContentsMargins(0, 0, 0, 0)
+        title = QLabel("<b>Loss</b>")
+        top.addWidget(title)
+        top.addStretch(1)
+        top.addWidget(QLabel("Smoothing"))
+        top.addWidget(self.smooth_slider)
+        top.addWidget(self.show_acc)
+        top.addWidget(self.png_button)
+        top.addWidget(self.csv_button)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.setSpacing(2)
+        lay.addLayout(top)
+        lay.addWidget(self.chart, 1)
+        lay.addWidget(self.lr_chart)
+        lay.addWidget(self.readout)
+
+        self.steps = Series(STEP_COLS)
+        self.evals = Series(EVAL_COLS, capacity=64)
+        self._ema = EmaState(self._smooth_weight())
+        self._last_epoch_int = 0
+        self._dirty = False
+        self._overlay_i = 0
+        self.timer = QTimer(self)
+        self.timer.setInterval(100)  # <= 10 redraws per second
+        self.timer.timeout.connect(self._redraw)
+        self.timer.start()
+        self._hover = pg.SignalProxy(self.chart.scene().sigMouseMoved, rateLimit=30, slot=self._on_hover)
+
+    # ------------------------------------------------------------------ data in
+    def reset(self) -> None:
+        self.steps.clear()
+        self.evals.clear()
+        self._ema = EmaState(self._smooth_weight())
+        self._last_epoch_int = 0
+        self.chart.clear_epoch_lines()
+        self._dirty = True
+        self._redraw()
+
+    def add_steps(self, metrics: list) -> None:
+        """StepMetrics events (a coalesced batch)."""
+        if not metrics:
+            return
+        self._add_rows([m.step for m in metrics], [m.epoch for m in metrics], [m.train_loss for m in metrics],
+                       [m.train_token_accuracy for m in metrics], [m.lr for m in metrics],
+                       [m.grad_norm for m in metrics], [m.tokens_per_s for m in metrics])
+
+    def add_eval(self, ev) -> None:
+        self.evals.append_rows({"step": [ev.step], "epoch": [ev.epoch], "valid_loss": [ev.valid_loss],
+                                "valid_acc": [ev.valid_token_accuracy]})
+        self._dirty = True
+
+    def load_rows(self, rows: list[dict]) -> None:
+        """metrics.jsonl rows of a saved run."""
+        self.reset()
+        train = [r for r in rows if r.get("train_loss") is not None and r.get("step") is not None]
+        evals = [r for r in rows if r.get("valid_loss") is not None and r.get("step") is not None]
+        if train:
+            g = lambda k: [_num(r.get(k)) for r in train]  # noqa: E731
+            self._add_rows(g("step"), g("epoch"), g("train_loss"), g("train_token_accuracy"), g("lr"),
+                           g("grad_norm"), g("tokens_per_s"))
+        if evals:
+            self.evals.append_rows({"step": [_num(r["step"]) for r in evals],
+                                    "epoch": [_num(r.get("epoch")) for r in evals],
+                                    "valid_loss": [_num(r["valid_loss"]) for r in evals],
+                                    "valid_acc": [_num(r.get("valid_token_accuracy")) for r in evals]})
+        self._dirty = True
+        self._redraw()
+        self.chart.getPlotItem().enableAutoRange()
+
+    def _add_rows(self, step, epoch, loss, acc, lr, gn, tps) -> None:
+        loss_arr = np.asarray(loss, dtype=np.float64)
+        smooth = self._ema.push(loss_arr)
+        self.steps.append_rows({"step": step, "epoch": epoch, "loss": loss_arr, "smooth": smooth, "acc": acc,
+                                "lr": lr, "grad_norm": gn, "tps": tps})
+        for s, e in zip(step, epoch):
+            if e is None or e != e:
+                continue
+            k = int(math.floor(float(e) + 1e-9))
+            if k > self._last_epoch_int:
+                self._last_epoch_int = k
+                self.chart.add_epoch_line(float(s), k)
+        self._dirty = True
+
+    # ------------------------------------------------------------------ overlays (run comparison)
+    def add_overlay(self, name: str, rows: list[dict]) -> None:
+        pts = [(r["step"], r["train_loss"]) for r in rows if r.get("train_loss") is not None and r.get("step") is not None]
+        if not pts:
+            return
+        x = np.array([p[0] for p in pts], float)
+        y = np.array([p[1] for p in pts], float)
+        ys = EmaState(self._smooth_weight()).push(y)
+        colour = style.OVERLAY[self._overlay_i % len(style.OVERLAY)]
+        self._overlay_i += 1
+        self.remove_overlay(name)
+        item = self.chart.getPlotItem().plot(x, ys, pen=pg.mkPen(colour, width=1.5, style=Qt.PenStyle.DashLine),
+                                             name=name)
+        item.setClipToView(True)
+        item.setDownsampling(auto=True, method="peak")
+        self.chart.overlays[name] = item
+
+    def remove_overlay(self, name: str) -> None:
+        item = self.chart.overlays.pop(name, None)
+        if item is not None:
+            self.chart.getPlotItem().removeItem(item)
+            try:
+                self.chart.getPlotItem().legend.removeItem(item)
+            except Exception:  # noqa: BLE001
+                pass
+
+    def clear_overlays(self) -> None:
+        for name in list(self.chart.overlays):
+            self.remove_overlay(name)
+
+    # ------------------------------------------------------------------ drawing
+    def _redraw(self) -> None:
+        if not self._dirty:
+            return
+        self._dirty = False
+        s = self.steps
+        x = s.view("step")
+        self.chart.raw_curve.setData(x, s.view("loss"), connect="finite")
+        self.chart.smooth_curve.setData(x, s.view("smooth"), connect="finite")
+        self.chart.acc_curve.setData(x, s.view("acc"), connect="finite")
+        self.lr_curve.setData(x, s.view("lr"), connect="finite")
+        self.chart.valid_curve.setData(self.evals.view("step"), self.evals.view("valid_loss"), connect="finite")
+        self.redrawn.emit()
+
+    def _smooth_weight(self) -> float:
+        return self.smooth_slider.value() / 100.0 if hasattr(self, "smooth_slider") else 0.8
+
+    def _smoothing_changed(self) -> None:
+        self._ema = EmaState(self._smooth_weight())
+        if len(self.steps):
+            n = self.steps.n
+            self.steps._cols["smooth"][:n] = self._ema.push(self.steps.view("loss"))
+        self._dirty = True
+
+    def _toggle_acc(self, on: bool) -> None:
+        self.chart.acc_curve.setVisible(on)
+        self.chart.getPlotItem().getAxis("right").setStyle(showValues=on)
+
+    def _on_hover(self, evt) -> None:
+        pos = evt[0]
+        vb = self.chart.getPlotItem().vb
+        if not self.chart.sceneBoundingRect().contains(pos) or not len(self.steps):
+            self.chart.cursor.setVisible(False)
+            return
+        xv = vb.mapSceneToView(pos).x()
+        x = self.steps.view("step")
+        i = int(np.clip(np.searchsorted(x, xv), 0, len(x) - 1))
+        if i > 0 and abs(x[i - 1] - xv) < abs(x[i] - xv):
+            i -= 1
+        self.chart.cursor.setPos(x[i])
+        self.chart.cursor.setVisible(True)
+        self.readout.setText(self.describe_step(i))
+
+    def describe_step(self, i: int) -> str:
+        c = {k: self.steps.view(k)[i] for k in STEP_COLS}
+        text = (f"step {int(c['step'])} · epoch {c['epoch']:.2f} · loss {c['loss']:.4f} "
+                f"(smoothed {c['smooth']:.4f}) · accuracy {c['acc']:.1%} · LR {c['lr']:.2e}")
+        ev = self.evals.view("step")
+        if len(ev):
+            j = int(np.argmin(np.abs(ev - c["step"])))
+            if abs(ev[j] - c["step"]) <= max(1, 0.02 * c["step"]):
+                text += f" · validation {self.evals.view('valid_loss')[j]:.4f}"
+        return text
+
+    # ------------------------------------------------------------------ export
+    def export_png(self, path: str) -> None:
+        self._redraw()
+        if not self.grab().save(path, "PNG"):
+            raise OSError(f"could not write {path}")
+
+    def export_csv(self, path: str) -> None:
+        import os
+        import tempfile
+        from pathlib import Path
+        p = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=p.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+                w = csv.writer(f)
+                w.writerow(["kind", "step", "epoch", "train_loss", "train_loss_smoothed", "train_token_accuracy",
+                            "lr", "grad_norm", "tokens_per_s", "valid_loss", "valid_token_accuracy"])
+                for i in range(self.steps.n):
+                    v = [self.steps.view(k)[i] for k in STEP_COLS]
+                    w.writerow(["train", int(v[0]), _fmt(v[1]), _fmt(v[2]), _fmt(v[3]), _fmt(v[4]), _fmt(v[5]),
+                                _fmt(v[6]), _fmt(v[7]), "", ""])
+                for i in range(self.evals.n):
+                    v = [self.evals.view(k)[i] for k in EVAL_COLS]
+                    w.writerow(["valid", int(v[0]), _fmt(v[1]), "", "", "", "", "", "", _fmt(v[2]), _fmt(v[3])])
+            os.replace(tmp, p)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def _export_png_dialog(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save chart as picture", "loss.png", "PNG image (*.png)")
+        if path:
+            self._guarded(self.export_png, path)
+
+    def _export_csv_dialog(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save chart data", "loss.csv", "CSV file (*.csv)")
+        if path:
+            self._guarded(self.export_csv, path)
+
+    def _guarded(self, fn, path) -> None:
+        try:
+            fn(path)
+        except OSError as e:
+            win = self.window()
+            if hasattr(win, "show_error"):
+                win.show_error(f"Could not save {path}: {e.strerror or e}")
+
+
+def _num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _fmt(v) -> str:
+    return "" if v != v else f"{v:.6g}"
+
+
+def _hex(rgb) -> str:
+    return "#%02x%02x%02x" % tuple(rgb[:3])

@@ -1,0 +1,80 @@
+"""Fonts, colours and the small style sheet shared by the widgets."""
+from __future__ import annotations
+
+from PySide6.QtGui import QColor, QFont, QFontDatabase
+
+from . import qtcompat  # noqa: F401 - must run before any signal is emitted
+
+# Latin first, then CJK fallbacks so Korean (and Japanese/Chinese) always renders.
+FONT_FAMILIES = [
+    "Noto Sans", "Inter", "Segoe UI", "Helvetica Neue", "DejaVu Sans",
+    "Noto Sans CJK KR", "Noto Sans KR", "Apple SD Gothic Neo", "Malgun Gothic", "NanumGothic",
+    "Noto Sans CJK JP", "Noto Sans CJK SC", "sans-serif",
+]
+MONO_FAMILIES = ["Noto Sans Mono", "DejaVu Sans Mono", "Menlo", "Consolas", "Noto Sans Mono CJK KR", "monospace"]
+
+ROLE_COLOURS = {
+    "system": QColor("#ece8f7"),
+    "user": QColor("#e3effd"),
+    "assistant": QColor("#e6f6ea"),
+    "tool": QColor("#f6f0e0"),
+}
+ROLE_TEXT = {"system": "#5b4a93", "user": "#1f5fa8", "assistant": "#237a3b", "tool": "#7a5a1f"}
+
+# Chart colours (colour-blind friendly where it matters).
+TRAIN_RAW = (120, 150, 200, 90)
+TRAIN_SMOOTH = (31, 95, 168)
+VALID = (214, 96, 30)
+ACCURACY = (35, 122, 59)
+LR = (120, 80, 160)
+GRADNORM = (150, 60, 60)
+OVERLAY = [(200, 60, 140), (60, 160, 160), (160, 130, 30), (100, 100, 100), (90, 60, 200)]
+
+
+def app_font(point_size: float | None = None) -> QFont:
+    f = QFont()
+    f.setFamilies(_available(FONT_FAMILIES))
+    if point_size:
+        f.setPointSizeF(point_size)
+    return f
+
+
+def mono_font(point_size: float | None = None) -> QFont:
+    f = QFont()
+    f.setFamilies(_available(MONO_FAMILIES) + _available(FONT_FAMILIES))
+    f.setStyleHint(QFont.StyleHint.Monospace)
+    if point_size:
+        f.setPointSizeF(point_size)
+    return f
+
+
+def _available(names: list[str]) -> list[str]:
+    """Installed families from `names`, in order (all of them when none is installed, so Qt's
+    own fallback still applies)."""
+    try:
+        have = {f.lower() for f in QFontDatabase.families()}
+    except Exception:  # noqa: BLE001 - no font database before a QGuiApplication
+        return list(names)
+    found = [n for n in names if n.lower() in have]
+    return found or list(names)
+
+
+def has_korean_font() -> bool:
+    have = {f.lower() for f in QFontDatabase.families()}
+    return any(n.lower() in have for n in ("Noto Sans CJK KR", "Noto Sans KR", "Apple SD Gothic Neo",
+                                           "Malgun Gothic", "NanumGothic"))
+
+
+STYLE_SHEET = """
+QGroupBox { font-weight: 600; border: 1px solid #d4d8de; border-radius: 6px; margin-top: 10px; padding-top: 6px; }
+QGroupBox::title { subcontrol-origin: margin; left: 8px; padding: 0 4px; color: #33475b; }
+#dataDropZone { border: 2px dashed #8aa4c8; border-radius: 8px; background: #f5f8fc; }
+#dataDropZone[dragActive="true"] { border-color: #1f5fa8; background: #e3effd; }
+#dataDropZone[state="ok"] { border-style: solid; border-color: #5aa469; background: #f1faf3; }
+#dataDropZone[state="bad"] { border-style: solid; border-color: #d0534a; background: #fdf3f2; }
+#banner { background: #fff4ce; border: 1px solid #e5c06b; border-radius: 4px; padding: 6px; color: #5c4400; }
+#errorBanner { background: #fde7e5; border: 1px solid #e0908a; border-radius: 4px; padding: 6px; color: #7a1f17; }
+#runButton { font-weight: 600; padding: 6px 14px; }
+#estimateLabel, #progressLabel { color: #44515f; }
+QPushButton#phaseBox { text-align: center; }
+"""

@@ -1,0 +1,364 @@
+"""The weights-and-biases view: what fine-tuning does to the numbers inside the model.
+
+- a heatmap of one matrix (layer + projection picker): its change since the start
+  (W - W0, or scale * B @ A with LoRA) on a diverging colormap with FIXED symmetric levels,
+  so growth is visible as colour getting stronger; "Rescale" fits the levels to now; or the
+  current values;
+- the chosen layer's bias vector now against its pre-trained values;
+- bars: relative update size ||dW|| / ||W|| per layer;
+- the global gradient norm per step;
+- a histogram of the shown matrix.
+
+Snapshots arrive as copies (WeightSnapshot events); the latest one is drawn by a QTimer at
+most 10 times a second, and only while the view is visible."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtWidgets import (QButtonGroup, QComboBox, QHBoxLayout, QLabel, QPushButton, QRadioButton,
+                               QSizePolicy, QVBoxLayout, QWidget)
+
+from . import style
+from .buffers import Series
+
+DIVERGING = pg.ColorMap(pos=np.array([0.0, 0.25, 0.5, 0.75, 1.0]),
+                        color=np.array([(33, 102, 172), (146, 197, 222), (247, 247, 247), (244, 165, 130),
+                                        (178, 24, 43)], dtype=np.ubyte))
+
+_LAYER_RE = re.compile(r"layers\.(\d+)\.")
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """'model.layers.3.self_attn.q_proj.weight' -> ('layer 3', 'q_proj'); other names -> ('other', name)."""
+    m = _LAYER_RE.search(name)
+    layer = f"layer {m.group(1)}" if m else "other"
+    parts = [p for p in name.split(".") if p not in ("weight", "bias", "lora_A", "lora_B", "model", "base_model")]
+    return layer, (parts[-1] if parts else name)
+
+
+def _layer_key(label: str) -> tuple:
+    m = re.search(r"(\d+)", label)
+    return (0, int(m.group(1))) if m else (1, label)
+
+
+class WeightsView(QWidget):
+    """objectName `weightsView`."""
+
+    snapshotDrawn = Signal(int)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.setObjectName("weightsView")
+        self.setAccessibleName("Weights and biases view")
+        self.snapshot_count = 0          # snapshots received (tests read this)
+        self.latest = None               # the latest WeightSnapshot
+        self.focus_name: str | None = None   # the matrix whose full-resolution histogram the loop sends
+        self._pending = False
+        self._levels: dict[tuple[str, str], float] = {}   # (mode, matrix) -> fixed symmetric level
+        self._names: list[str] = []
+        self.grad = Series(("step", "grad_norm"))
+        self._grad_dirty = False
+        self._build()
+        self.timer = QTimer(self)
+        self.timer.setInterval(100)
+        self.timer.timeout.connect(self._tick)
+        self.timer.start()
+
+    # ------------------------------------------------------------------ layout
+    def _build(self) -> None:
+        self.layer_box = QComboBox()
+        self.layer_box.setToolTip("Which transformer layer to look inside.")
+        self.proj_box = QComboBox()
+        self.proj_box.setToolTip("Which weight matrix of that layer: q/k/v/o are attention, gate/up/down the MLP.")
+        self.mode_delta = QRadioButton("Change since start")
+        self.mode_delta.setToolTip("Colour = how much each weight moved away from its pre-trained value. "
+                                   "Blue went down, red went up, white did not change.")
+        self.mode_now = QRadioButton("Current values")
+        self.mode_now.setToolTip("Colour = the weight values themselves right now.")
+        self.mode_delta.setChecked(True)
+        grp = QButtonGroup(self)
+        grp.addButton(self.mode_delta)
+        grp.addButton(self.mode_now)
+        self.rescale_button = QPushButton("Rescale")
+        self.rescale_button.setToolTip("The colour scale is kept fixed so you can watch changes grow. "
+                                       "Press to fit it to the values shown now.")
+        self.info = QLabel("Weights appear here when training starts.")
+        self.info.setObjectName("weightsInfo")
+        self.info.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        for w in (self.layer_box, self.proj_box):
+            w.currentIndexChanged.connect(self._selection_changed)
+        self.mode_delta.toggled.connect(self._selection_changed)
+        self.rescale_button.clicked.connect(self.rescale)
+
+        row = QHBoxLayout()
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(QLabel("<b>Weights &amp; biases</b>"))
+        row.addWidget(self.layer_box)
+        row.addWidget(self.proj_box)
+        row.addWidget(self.mode_delta)
+        row.addWidget(self.mode_now)
+        row.addWidget(self.rescale_button)
+        row.addStretch(1)
+
+        self.glw = pg.GraphicsLayoutWidget()
+        self.glw.setBackground("w")
+        self.glw.setObjectName("weightsGraphics")
+        self.glw.ci.setSpacing(4)
+        # heatmap
+        self.heat_plot = self.glw.addPlot(row=0, col=0, rowspan=2, title="")
+        self.heat_plot.setTitle("change since start", size="8pt")
+        self.heat_plot.invertY(True)
+        self.heat_plot.setAspectLocked(False)
+        self.heat_plot.hideAxis("bottom")
+        self.heat_plot.hideAxis("left")
+        self.heat_plot.setMenuEnabled(False)
+        self.image = pg.ImageItem(axisOrder="row-major")
+        self.image.setColorMap(DIVERGING)
+        self.heat_plot.addItem(self.image)
+        self.colorbar = pg.ColorBarItem(values=(-1e-3, 1e-3), colorMap=DIVERGING, interactive=False, width=10)
+        self.colorbar.setImageItem(self.image)
+        self.glw.addItem(self.colorbar, row=0, col=1, rowspan=2)
+        # bias now vs pre-trained
+        self.bias_plot = self.glw.addPlot(row=0, col=2)
+        self.bias_plot.setTitle("bias now vs start", size="8pt")
+        self.bias_plot.showGrid(y=True, alpha=0.2)
+        self.bias_start = self.bias_plot.plot(pen=pg.mkPen((150, 150, 150), width=1.5), name="pre-trained")
+        self.bias_now = self.bias_plot.plot(pen=pg.mkPen((178, 24, 43), width=1.2), name="now")
+        self.bias_note = pg.TextItem("", color=(110, 110, 110), anchor=(0.5, 0.5))
+        self.bias_plot.addItem(self.bias_note, ignoreBounds=True)
+        # histogram
+        self.hist_plot = self.glw.addPlot(row=0, col=3)
+        self.hist_plot.setTitle("value histogram", size="8pt")
+        self.hist_curve = self.hist_plot.plot(stepMode="center", fillLevel=0, brush=(31, 95, 168, 90),
+                                              pen=pg.mkPen(style.TRAIN_SMOOTH, width=1))
+        # relative update per layer
+        self.bar_plot = self.glw.addPlot(row=1, col=2)
+        self.bar_plot.setTitle("update size / layer", size="8pt")
+        self.bar_plot.showGrid(y=True, alpha=0.2)
+        self.bars = pg.BarGraphItem(x=[], height=[], width=0.7, brush=(31, 95, 168, 180))
+        self.bar_plot.addItem(self.bars)
+        # gradient norm line
+        self.grad_plot = self.glw.addPlot(row=1, col=3)
+        self.grad_plot.setTitle("gradient norm", size="8pt")
+        self.grad_plot.showGrid(y=True, alpha=0.2)
+        self.grad_plot.setClipToView(True)
+        self.grad_plot.setDownsampling(auto=True, mode="peak")
+        self.grad_curve = self.grad_plot.plot(pen=pg.mkPen(style.GRADNORM, width=1.2))
+        for p in (self.bias_plot, self.hist_plot, self.bar_plot, self.grad_plot):
+            p.setMenuEnabled(False)
+            p.getAxis("left").setWidth(38)
+            for ax in ("left", "bottom"):
+                p.getAxis(ax).setStyle(tickFont=style.app_font(7))
+        for p in (self.bias_plot, self.hist_plot, self.bar_plot, self.grad_plot):
+            p.setMinimumWidth(90)
+            p.setPreferredWidth(150)
+        self.heat_plot.setMinimumWidth(140)
+        self.glw.ci.layout.setColumnStretchFactor(0, 4)
+        self.glw.ci.layout.setColumnStretchFactor(2, 2)
+        self.glw.ci.layout.setColumnStretchFactor(3, 2)
+
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.setSpacing(2)
+        lay.addLayout(row)
+        lay.addWidget(self.info)
+        lay.addWidget(self.glw, 1)
+
+    # ------------------------------------------------------------------ data in
+    def reset(self) -> None:
+        self.snapshot_count = 0
+        self.latest = None
+        self._levels.clear()
+        self._names = []
+        self.grad.clear()
+        self._grad_dirty = True
+        with _Blocked(self.layer_box, self.proj_box):
+            self.layer_box.clear()
+            self.proj_box.clear()
+        self.image.clear()
+        for c in (self.bias_now, self.bias_start, self.hist_curve, self.grad_curve):
+            c.setData([], [])
+        self.bars.setOpts(x=[], height=[])
+        self.info.setText("Weights appear here when training starts.")
+
+    def add_snapshot(self, snap) -> None:
+        self.snapshot_count += 1
+        self.latest = snap
+        self._pending = True
+        names = sorted(set(snap.matrices) | set(snap.current))
+        if names != self._names:
+            self._names = names
+            self._fill_pickers()
+
+    def add_steps(self, metrics: list) -> None:
+        if metrics:
+            self.grad.append_rows({"step": [m.step for m in metrics], "grad_norm": [m.grad_norm for m in metrics]})
+            self._grad_dirty = True
+
+    def load_rows(self, rows: list[dict]) -> None:
+        self.grad.clear()
+        pts = [r for r in rows if r.get("grad_norm") is not None and r.get("step") is not None]
+        if pts:
+            self.grad.append_rows({"step": [r["step"] for r in pts], "grad_norm": [r["grad_norm"] for r in pts]})
+        self._grad_dirty = True
+
+    # ------------------------------------------------------------------ pickers
+    def _fill_pickers(self) -> None:
+        layers: dict[str, list[str]] = {}
+        for n in self._names:
+            layer, proj = split_name(n)
+            layers.setdefault(layer, [])
+            if proj not in layers[layer]:
+                layers[layer].append(proj)
+        self._by_layer = layers
+        cur_layer, cur_proj = self.layer_box.currentText(), self.proj_box.currentText()
+        with _Blocked(self.layer_box, self.proj_box):
+            self.layer_box.clear()
+            self.layer_box.addItems(sorted(layers, key=_layer_key))
+            if cur_layer in layers:
+                self.layer_box.setCurrentText(cur_layer)
+            self._fill_proj(cur_proj)
+
+    def _fill_proj(self, keep: str = "") -> None:
+        projs = self._by_layer.get(self.layer_box.currentText(), []) if hasattr(self, "_by_layer") else []
+        self.proj_box.clear()
+        self.proj_box.addItems(projs)
+        if keep in projs:
+            self.proj_box.setCurrentText(keep)
+
+    def _selection_changed(self) -> None:
+        if self.sender() is self.layer_box:
+            with _Blocked(self.proj_box):
+                self._fill_proj(self.proj_box.currentText())
+        self._pending = True
+
+    def select(self, layer: str, proj: str) -> None:
+        self.layer_box.setCurrentText(layer)
+        self.proj_box.setCurrentText(proj)
+
+    def chosen_name(self) -> str | None:
+        layer, proj = self.layer_box.currentText(), self.proj_box.currentText()
+        for n in self._names:
+            if split_name(n) == (layer, proj):
+                return n
+        return None
+
+    # ------------------------------------------------------------------ drawing
+    def rescale(self) -> None:
+        mat, key = self._current_matrix()
+        if mat is not None and mat.size:
+            self._levels[key] = float(np.max(np.abs(mat))) or 1e-6
+            self._pending = True
+            self._draw()
+
+    def _current_matrix(self):
+        snap, name = self.latest, self.chosen_name()
+        if snap is None or name is None:
+            return None, None
+        mode = "delta" if self.mode_delta.isChecked() else "now"
+        src = snap.matrices if mode == "delta" else snap.current
+        mat = src.get(name)
+        if mat is None:  # this matrix is only available in the other mode
+            other = snap.current if mode == "delta" else snap.matrices
+            mat = other.get(name)
+            mode = "now" if mode == "delta" else "delta"
+        return (None if mat is None else np.asarray(mat, dtype=np.float32)), (mode, name)
+
+    def _tick(self) -> None:
+        if self._grad_dirty and self.isVisible():
+            self._grad_dirty = False
+            self.grad_curve.setData(self.grad.view("step"), self.grad.view("grad_norm"), connect="finite")
+        if self._pending and self.isVisible():
+            self._draw()
+
+    def _draw(self) -> None:
+        self._pending = False
+        snap = self.latest
+        if snap is None:
+            return
+        mat, key = self._current_matrix()
+        if mat is not None and mat.ndim == 2 and mat.size:
+            mode, name = key
+            level = self._levels.get(key)
+            peak = float(np.max(np.abs(mat)))
+            if level is None or level <= 0:
+                # first sight of this matrix: leave headroom so growth stays visible (LoRA starts at 0)
+                level = (peak * (2.0 if mode == "delta" else 1.0)) if peak > 0 else 0.0
+                if level > 0:
+                    self._levels[key] = level
+            shown = level if level > 0 else 1e-6
+            self.image.setImage(mat, levels=(-shown, shown), autoLevels=False)
+            self.colorbar.setLevels((-shown, shown))
+            self.heat_plot.setTitle(("change since start" if mode == "delta" else "current values")
+                                    + f" · {mat.shape[0]}×{mat.shape[1]}", size="8pt")
+            counts, edges = snap.histogram if (snap.histogram is not None and name == self.focus_name) \
+                else (np.zeros(0), np.zeros(0))
+            if len(counts) == 0 or len(edges) != len(counts) + 1:
+                vals = snap.current.get(name, mat) if snap.current else mat
+                vals = np.asarray(vals, dtype=np.float32)
+                lo, hi = float(vals.min()), float(vals.max())
+                if hi <= lo:
+                    lo, hi = lo - 1e-6, hi + 1e-6
+                counts, edges = np.histogram(vals, bins=40, range=(lo, hi))
+            self.hist_curve.setData(np.asarray(edges, float), np.asarray(counts, float))
+            self.info.setText(f"step {snap.step}: {name}  ·  largest change {peak:.3g}" if mode == "delta"
+                              else f"step {snap.step}: {name}  ·  largest value {peak:.3g}")
+        self._draw_bias()
+        rel = snap.relative_update or {}
+        if rel:
+            labels = sorted(rel, key=_layer_key)
+            self.bars.setOpts(x=np.arange(len(labels)), height=[float(rel[k]) for k in labels], width=0.7)
+            ax = self.bar_plot.getAxis("bottom")
+            step = max(1, len(labels) // 8)
+            ax.setTicks([[(i, re.sub(r"\D", "", k) or k) for i, k in enumerate(labels) if i % step == 0]])
+        self.snapshotDrawn.emit(snap.step)
+
+    def _draw_bias(self) -> None:
+        snap = self.latest
+        layer, proj = self.layer_box.currentText(), self.proj_box.currentText()
+        match = None
+        for n, pair in (snap.biases or {}).items():
+            if split_name(n) == (layer, proj):
+                match = (n, pair)
+                break
+        if match is None and snap.biases:
+            # this projection has no bias: show the first bias of the same layer
+            for n, pair in snap.biases.items():
+                if split_name(n)[0] == layer:
+                    match = (n, pair)
+                    break
+        if match is None:
+            self.bias_now.setData([], [])
+            self.bias_start.setData([], [])
+            self.bias_note.setText("no bias in this layer")
+            self.bias_note.setPos(0, 0)
+            return
+        name, (now, start) = match
+        now = np.asarray(now, float)
+        start = np.asarray(start, float)
+        x = np.arange(len(now))
+        self.bias_start.setData(x, start)
+        self.bias_now.setData(x, now)
+        moved = float(np.max(np.abs(now - start))) if len(now) else 0.0
+        self.bias_note.setText("")
+        frozen = " (frozen: LoRA)" if moved == 0 and snap.step else ""
+        self.bias_plot.setTitle(f"bias {split_name(name)[1]} now vs start{frozen}", size="8pt")
+        self.bias_plot.setToolTip("Grey: the pre-trained bias values. Red: the values now. With LoRA the "
+                                  "original weights and biases stay frozen; the change lives in the adapters.")
+
+
+class _Blocked:
+    """Block a few widgets' signals while they are updated programmatically."""
+
+    def __init__(self, *widgets):
+        self.widgets = widgets
+
+    def __enter__(self):
+        self.old = [w.blockSignals(True) for w in self.widgets]
+
+    def __exit__(self, *exc):
+        for w, o in zip(self.widgets, self.old):
+            w.blockSignals(o)

@@ -1,0 +1,335 @@
+"""Worker objects that run slow work off the GUI thread, wired as in DESIGN.md:
+
+    worker.moveToThread(thread); thread.started -> worker.run; worker.finished -> thread.quit;
+    deleteLater on both.
+
+The training worker adapts the plain training loop's callbacks to Qt signals. The loop calls
+`on_event` on the training thread; the worker keeps step metrics in a list and only the
+latest weight snapshot / phase, and emits them at most ~10 times a second (one signal per
+kind per flush), so the GUI thread never drowns in events. Events are frozen copies, so
+sending them across threads is safe. Cancellation is a flag (TrainControl / threading.Event)
+checked between steps or tokens."""
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
+
+FLUSH_INTERVAL_S = 0.1  # <= 10 UI updates per second
+
+
+class ThreadPool:
+    """Keeps every (thread, worker) pair alive until its thread has finished, and joins them all."""
+
+    def __init__(self):
+        self._pairs: list[tuple[QThread, QObject]] = []
+
+    def start(self, worker: QObject, name: str = "worker") -> QThread:
+        thread = QThread()
+        thread.setObjectName(name)
+        worker.moveToThread(thread)
+        thread.started.connect(worker.run)
+        # quit is thread-safe; a direct connection lets `join` work while the GUI thread waits
+        worker.finished.connect(thread.quit, Qt.ConnectionType.DirectConnection)
+        worker.finished.connect(worker.deleteLater)
+        thread.finished.connect(thread.deleteLater)
+        pair = (thread, worker)
+        self._pairs.append(pair)
+        thread.finished.connect(lambda p=pair: self._forget(p))
+        thread.start()
+        return thread
+
+    def _forget(self, pair) -> None:
+        try:
+            self._pairs.remove(pair)
+        except ValueError:
+            pass
+
+    def running(self) -> list[QThread]:
+        out = []
+        for t, _ in list(self._pairs):
+            try:
+                if t.isRunning():
+                    out.append(t)
+            except RuntimeError:  # already deleted
+                pass
+        return out
+
+    def cancel_all(self) -> None:
+        for _, w in list(self._pairs):
+            try:
+                w.cancel()
+            except (RuntimeError, AttributeError):
+                pass
+
+    def join(self, timeout_s: float = 30.0) -> bool:
+        """Cancel everything and wait for the threads to end. True when all ended."""
+        self.cancel_all()
+        deadline = time.monotonic() + timeout_s
+        ok = True
+        for t, _ in list(self._pairs):
+            try:
+                left = max(0, int((deadline - time.monotonic()) * 1000))
+                if t.isRunning() and not t.wait(left):
+                    ok = False
+            except RuntimeError:
+                pass
+        return ok
+
+
+def plain_error(exc: BaseException) -> str:
+    """One line a user can read: never a traceback."""
+    from ..engine.config import ModelFormatError
+    if isinstance(exc, MemoryError):
+        return "Out of memory. Try a smaller batch size, a shorter max sequence length, or LoRA instead of full."
+    if isinstance(exc, (ModelFormatError, ValueError, OSError, KeyError)):
+        msg = str(exc) or type(exc).__name__
+        if isinstance(exc, OSError) and exc.strerror:
+            msg = f"{exc.filename or ''}: {exc.strerror}".strip(": ")
+        return msg
+    return f"Something went wrong ({type(exc).__name__}: {exc}). The app is still running; please report this."
+
+
+class FunctionWorker(QObject):
+    """Run fn(*args) on a thread; emit `result(object)` or `error(str)`, then `finished`."""
+
+    result = Signal(object)
+    error = Signal(str)
+    finished = Signal()
+
+    def __init__(self, fn, *args, **kwargs):
+        super().__init__()
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+
+    def cancel(self) -> None:
+        pass
+
+    @Slot()
+    def run(self) -> None:
+        try:
+            self.result.emit(self.fn(*self.args, **self.kwargs))
+        except BaseException as e:  # noqa: BLE001 - every error goes to the window
+            self.error.emit(plain_error(e))
+            _log_exception()
+        finally:
+            self.finished.emit()
+
+
+class TrainWorker(QObject):
+    """Runs the training loop (a plain function) and turns its events into throttled signals."""
+
+    runStarted = Signal(object)        # RunStarted
+    stepsReady = Signal(object)        # list[StepMetrics], coalesced
+    evalReady = Signal(object)         # EvalMetrics
+    snapshotReady = Signal(object)     # WeightSnapshot (latest only)
+    phaseReady = Signal(object)        # PhaseEvent (latest only)
+    checkpointSaved = Signal(object)   # CheckpointSaved
+    runEnded = Signal(object)          # RunFinished | RunStopped | RunFailed
+    error = Signal(str)                # an exception the loop did not turn into RunFailed
+    finished = Signal()
+
+    def __init__(self, start_fn, control, flush_interval_s: float = FLUSH_INTERVAL_S):
+        """start_fn(on_event, control) runs the whole loop and returns when it ends."""
+        super().__init__()
+        self.start_fn = start_fn
+        self.control = control
+        self.flush_interval_s = flush_interval_s
+        self._lock = threading.Lock()
+        self._steps: list = []
+        self._snapshot = None
+        self._phase = None
+        self._last_flush = 0.0
+        self.ended = None
+
+    def cancel(self) -> None:
+        self.control.stop()
+
+    @Slot()
+    def run(self) -> None:
+        from ..training import events as ev
+        try:
+            self.start_fn(self._on_event, self.control)
+        except BaseException as e:  # noqa: BLE001
+            self._flush(force=True)
+            if self.ended is None:
+                self.error.emit(plain_error(e))
+            _log_exception()
+        else:
+            self._flush(force=True)
+        finally:
+            if self.ended is None and self.control.stop_requested:
+                pass
+            self.finished.emit()
+        _ = ev
+
+    # called on the training thread
+    def _on_event(self, e) -> None:
+        from ..training import events as ev
+        if isinstance(e, ev.StepMetrics):
+            self._steps.append(e)
+        elif isinstance(e, ev.WeightSnapshot):
+            self._snapshot = e
+        elif isinstance(e, ev.PhaseEvent):
+            self._phase = e
+        else:
+            self._flush(force=True)
+            if isinstance(e, ev.RunStarted):
+                self.runStarted.emit(e)
+            elif isinstance(e, ev.EvalMetrics):
+                self.evalReady.emit(e)
+            elif isinstance(e, ev.CheckpointSaved):
+                self.checkpointSaved.emit(e)
+            elif isinstance(e, (ev.RunFinished, ev.RunStopped, ev.RunFailed)):
+                self.ended = e
+                self.runEnded.emit(e)
+            return
+        self._flush()
+
+    def _flush(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_flush < self.flush_interval_s:
+            return
+        self._last_flush = now
+        steps, self._steps = self._steps, []
+        snap, self._snapshot = self._snapshot, None
+        phase, self._phase = self._phase, None
+        if steps:
+            self.stepsReady.emit(steps)
+        if snap is not None:
+            self.snapshotReady.emit(snap)
+        if phase is not None:
+            self.phaseReady.emit(phase)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    system_prompt: str = ""
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0
+    max_new_tokens: int = 200
+    repetition_penalty: float = 1.1
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    target: str                      # which transcript gets the tokens ("main" or "base")
+    model_spec: str                  # a model folder (HF), or "adapter:<run>" forms handled by ModelCache
+    messages: tuple = field(default_factory=tuple)   # ({"role", "content"}, ...) including the new user turn
+    system: str | None = None        # overrides the settings' system prompt (e.g. the run's own)
+
+
+class GenerateWorker(QObject):
+    """Streams replies for one or more jobs, one after the other (so two CPU-heavy generations
+    never fight over the cores). Text pieces are coalesced to ~30 updates per second."""
+
+    piece = Signal(str, str)          # target, text so far (the whole reply)
+    replyDone = Signal(str, str)      # target, final reply
+    error = Signal(str, str)          # target, message
+    finished = Signal()
+
+    def __init__(self, jobs: list[GenerationJob], settings: GenerationSettings, cache):
+        super().__init__()
+        self.jobs = list(jobs)
+        self.settings = settings
+        self.cache = cache
+        self._stop = threading.Event()
+
+    def cancel(self) -> None:
+        self._stop.set()
+
+    @Slot()
+    def run(self) -> None:
+        try:
+            for job in self.jobs:
+                if self._stop.is_set():
+                    break
+                try:
+                    self._run_job(job)
+                except BaseException as e:  # noqa: BLE001
+                    self.error.emit(job.target, plain_error(e))
+                    _log_exception()
+        finally:
+            self.finished.emit()
+
+    def _run_job(self, job: GenerationJob) -> None:
+        model, tok = self.cache.get(job.model_spec)
+        s = self.settings
+        msgs = []
+        system = (job.system if job.system is not None else s.system_prompt).strip()
+        if system:
+            msgs.append({"role": "system", "content": system})
+        msgs.extend(dict(m) for m in job.messages)
+        from ..training.chat import prompt_ids
+        limit = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+        max_new = max(1, min(s.max_new_tokens, limit - 1))
+        ids = prompt_ids(tok, msgs, limit, max_new)   # drops the oldest turns of a long chat
+        max_new = max(1, min(max_new, limit - len(ids)))
+        dec = tok.stream_decoder(skip_special_tokens=True)
+        last = 0.0
+        for t in model.generate(ids, max_new_tokens=max_new, temperature=s.temperature,
+                                top_k=s.top_k or None, top_p=s.top_p if s.top_p < 1.0 else None,
+                                repetition_penalty=s.repetition_penalty, seed=s.seed,
+                                stop_ids=tok.end_of_turn_ids):
+            dec.push(t)
+            now = time.monotonic()
+            if now - last >= 0.033:
+                last = now
+                self.piece.emit(job.target, dec.text)
+            if self._stop.is_set():
+                break
+        text = dec.text.strip()
+        self.piece.emit(job.target, text)
+        self.replyDone.emit(job.target, text)
+
+
+class ModelCache:
+    """Loaded (Model, Tokenizer) pairs by folder, shared by generation workers (one at a time).
+    Specs: an HF folder path; "adapter::<base>::<adapter folder>" applies a PEFT adapter."""
+
+    def __init__(self, max_items: int = 3):
+        self._lock = threading.Lock()
+        self._items: dict[str, tuple] = {}
+        self.max_items = max_items
+
+    def get(self, spec: str):
+        from ..engine import Model, Tokenizer
+        with self._lock:
+            hit = self._items.pop(spec, None)
+            if hit is not None:
+                self._items[spec] = hit
+                return hit
+        if spec.startswith("adapter::"):
+            _, base, adapter = spec.split("::", 2)
+            model = Model.from_pretrained(base)
+            model.load_adapter(adapter)
+            tok = Tokenizer.from_pretrained(base)
+        else:
+            model = Model.from_pretrained(spec)
+            tok = Tokenizer.from_pretrained(spec)
+        with self._lock:
+            self._items[spec] = (model, tok)
+            while len(self._items) > self.max_items:
+                self._items.pop(next(iter(self._items)))
+        return model, tok
+
+    def drop(self, prefix: str = "") -> None:
+        with self._lock:
+            for k in [k for k in self._items if k.startswith(prefix) or prefix in k]:
+                self._items.pop(k, None)
+
+
+def _log_exception() -> None:
+    """Details for developers go to a log file under the app home, never to the user."""
+    try:
+        from .paths import app_home
+        p = app_home() / "logs"
+        p.mkdir(parents=True, exist_ok=True)
+        with open(p / "gui-errors.log", "a", encoding="utf-8") as f:
+            f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + traceback.format_exc() + "\n")
+    except Exception:  # noqa: BLE001
+        pass

@@ -1,0 +1,135 @@
+"""`auto` hyperparameters: OpenAI's published fine-tuning defaults, adapted to a small model on a CPU.
+
+The rule (every constant is named below, so the rule can be read and changed in one place):
+
+Epochs. OpenAI starts from 3 epochs and scales them so that examples x epochs lands in
+[100, 25,000] example-passes (at most 25 epochs, at least 1). A few-million-parameter model needs
+more passes than a GPT to pick up a style, so our lower target is MIN_EXAMPLE_PASSES (not 100):
+
+    epochs = 3
+    if n * epochs < MIN_EXAMPLE_PASSES:  epochs = min(MAX_EPOCHS, ceil(MIN_EXAMPLE_PASSES / n))
+    if n * epochs > MAX_EXAMPLE_PASSES:  epochs = max(1, floor(MAX_EXAMPLE_PASSES / n))
+
+  so 10 examples -> 25 epochs (capped), 120 examples -> 4 epochs, 1,000 -> 3, 20,000 -> 1.
+
+Batch size. OpenAI uses about 0.2% of the examples (clamped to [1, 256]). On a CPU a batch of one
+wastes most of the matrix-multiply speed, while a big batch gives a small dataset too few updates.
+We take 0.2% of the examples, clamped to [MIN_BATCH, MAX_BATCH], and lower it further when the
+batch would hold more than MAX_BATCH_TOKENS tokens of the longest examples (memory and step time):
+
+    batch = clamp(round(0.002 * n), MIN_BATCH, MAX_BATCH);  while batch > 1 and batch * longest > MAX_BATCH_TOKENS: batch //= 2
+
+Learning rate. OpenAI multiplies the pre-training rate by 0.05-0.2, taking larger values for
+larger batches. LoRA adapters start at zero and need a larger rate than full weights:
+
+    lora: LORA_LR * sqrt(batch / REF_BATCH)        full: FULL_LR * sqrt(batch / REF_BATCH)
+
+(the square-root rule keeps the update noise about constant when the batch changes).
+
+Evaluation interval (eval_every = 0): about EVALS_PER_RUN evaluations a run, plus one at each epoch end.
+Warmup: warmup_ratio of all steps (at least one step when warmup_ratio > 0).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import TrainConfig
+
+MIN_EXAMPLE_PASSES = 400
+MAX_EXAMPLE_PASSES = 25_000
+DEFAULT_EPOCHS = 3
+MAX_EPOCHS = 25
+
+BATCH_FRACTION = 0.002
+MIN_BATCH = 8
+MAX_BATCH = 16
+MAX_BATCH_TOKENS = 4096
+
+REF_BATCH = 8
+LORA_LR = 2e-3
+FULL_LR = 1e-4
+
+EVALS_PER_RUN = 10
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """The concrete values a run uses (auto resolved)."""
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    eval_every: int            # steps between mid-epoch evaluations (0 = only at epoch ends)
+    warmup_steps: int
+    steps_per_epoch: int
+    total_steps: int
+    auto: tuple[str, ...] = ()  # which of epochs / batch_size / learning_rate were auto
+
+    def to_dict(self) -> dict:
+        return {"epochs": self.epochs, "batch_size": self.batch_size, "learning_rate": self.learning_rate,
+                "eval_every": self.eval_every, "warmup_steps": self.warmup_steps,
+                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps, "auto": list(self.auto)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Hyperparameters":
+        return cls(epochs=int(d["epochs"]), batch_size=int(d["batch_size"]), learning_rate=float(d["learning_rate"]),
+                   eval_every=int(d["eval_every"]), warmup_steps=int(d["warmup_steps"]),
+                   steps_per_epoch=int(d["steps_per_epoch"]), total_steps=int(d["total_steps"]),
+                   auto=tuple(d.get("auto", ())))
+
+
+def auto_epochs(n_examples: int) -> int:
+    n = max(1, n_examples)
+    epochs = DEFAULT_EPOCHS
+    if n * epochs < MIN_EXAMPLE_PASSES:
+        epochs = min(MAX_EPOCHS, math.ceil(MIN_EXAMPLE_PASSES / n))
+    elif n * epochs > MAX_EXAMPLE_PASSES:
+        epochs = max(1, MAX_EXAMPLE_PASSES // n)
+    return epochs
+
+
+def auto_batch_size(n_examples: int, longest_tokens: int) -> int:
+    b = int(round(BATCH_FRACTION * n_examples))
+    b = max(MIN_BATCH, min(MAX_BATCH, b))
+    b = min(b, max(1, n_examples))
+    while b > 1 and b * max(1, longest_tokens) > MAX_BATCH_TOKENS:
+        b //= 2
+    return b
+
+
+def auto_learning_rate(method: str, batch_size: int) -> float:
+    base = LORA_LR if method == "lora" else FULL_LR
+    return float(base * math.sqrt(batch_size / REF_BATCH))
+
+
+def steps_in_epoch(n_examples: int, batch_size: int) -> int:
+    return max(1, math.ceil(n_examples / batch_size))
+
+
+def resolve(config: TrainConfig, n_train: int, longest_tokens: int, steps_per_epoch: int | None = None) -> Hyperparameters:
+    """Turn the config's `auto` values into numbers for a training set of n_train examples whose
+    longest encoded example has longest_tokens tokens. steps_per_epoch may be given by the batcher."""
+    auto = []
+    if config.epochs == "auto":
+        epochs = auto_epochs(n_train)
+        auto.append("epochs")
+    else:
+        epochs = int(config.epochs)
+    if config.batch_size == "auto":
+        bs = auto_batch_size(n_train, longest_tokens)
+        auto.append("batch_size")
+    else:
+        bs = int(config.batch_size)
+    if config.learning_rate == "auto":
+        lr = auto_learning_rate(config.method, bs)
+        auto.append("learning_rate")
+    else:
+        lr = float(config.learning_rate)
+    spe = steps_per_epoch if steps_per_epoch is not None else steps_in_epoch(n_train, bs)
+    total = spe * epochs
+    eval_every = config.eval_every if config.eval_every > 0 else max(1, round(total / EVALS_PER_RUN))
+    warm = int(round(config.warmup_ratio * total))
+    if config.warmup_ratio > 0:
+        warm = max(1, warm)
+    return Hyperparameters(epochs=epochs, batch_size=bs, learning_rate=lr, eval_every=eval_every,
+                           warmup_steps=min(warm, total), steps_per_epoch=spe, total_steps=total, auto=tuple(auto))

@@ -1,0 +1,198 @@
+"""`finetune-desktop train DATA --out DIR [...]`: validate, fine-tune, print progress and a summary.
+
+Exit codes: 0 finished, 1 invalid data or a failed run, 2 usage / setup problems, 130 stopped by Ctrl-C
+(the run is checkpointed and can be continued with --resume)."""
+from __future__ import annotations
+
+import signal
+import sys
+import warnings
+import time
+from pathlib import Path
+
+from ..cli import CliError
+from .config import TrainConfig
+from .control import TrainControl
+from .events import EvalMetrics, RunFailed, RunStarted, StepMetrics
+
+
+def config_from_args(args) -> TrainConfig:
+    base = TrainConfig()
+    kw = dict(method=args.method, epochs=args.epochs, batch_size=args.batch_size,
+              learning_rate=args.learning_rate, seed=args.seed)
+    if getattr(args, "lora_rank", None):
+        kw["lora_rank"] = args.lora_rank
+        kw["lora_alpha"] = float(base.lora_alpha / base.lora_rank * args.lora_rank)  # keep scale alpha/r
+    if getattr(args, "max_seq_len", None):
+        kw["max_seq_len"] = args.max_seq_len
+    vs = getattr(args, "val_split", None)
+    if vs is not None:
+        if not 0.0 <= vs < 1.0:
+            raise CliError(f"--val-split must be between 0 and 1 (a fraction), got {vs}")
+        kw["val_split"] = vs
+    return base.replace(**kw)
+
+
+def _fmt_time(s: float) -> str:
+    s = max(0.0, s)
+    if s < 60:
+        return f"{s:.0f}s"
+    m, s = divmod(int(s + 0.5), 60)
+    if m < 60:
+        return f"{m}m{s:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m"
+
+
+class _Printer:
+    """Turns events into progress lines on stdout."""
+
+    def __init__(self, quiet: bool, out=None):
+        self.quiet = quiet
+        self.out = out or sys.stdout
+        self.started: RunStarted | None = None
+
+    def __call__(self, ev) -> None:
+        if isinstance(ev, RunStarted):
+            self.started = ev
+            if not self.quiet:
+                what = f"resuming at step {ev.resumed_from_step}" if ev.resumed_from_step else "training"
+                self._p(f"{what}: {ev.num_train_examples} examples"
+                        f"{f' (+{ev.num_valid_examples} validation)' if ev.num_valid_examples else ''}, "
+                        f"{ev.epochs} epoch{'s' if ev.epochs != 1 else ''} x {ev.steps_per_epoch} steps of {ev.batch_size}, "
+                        f"learning rate {ev.learning_rate:.3g}, {ev.trainable_params:,} of "
+                        f"{ev.total_params:,} parameters trainable")
+        elif isinstance(ev, StepMetrics) and not self.quiet:
+            w = len(str(ev.total_steps))
+            self._p(f"step {ev.step:>{w}}/{ev.total_steps}  epoch {ev.epoch:5.2f}  loss {ev.train_loss:.4f}  "
+                    f"acc {100 * ev.train_token_accuracy:5.1f}%  lr {ev.lr:.2e}  {ev.tokens_per_s:6.0f} tok/s  "
+                    f"eta {_fmt_time(ev.eta_s)}")
+        elif isinstance(ev, EvalMetrics) and not self.quiet:
+            self._p(f"  validation at step {ev.step}: loss {ev.valid_loss:.4f}  "
+                    f"acc {100 * ev.valid_token_accuracy:.1f}%")
+
+    def _p(self, s: str) -> None:
+        self.out.write(s + "\n")
+        self.out.flush()
+
+
+def _print_data_errors(err) -> None:
+    rep = getattr(err, "report", None)
+    issues = list(getattr(err, "issues", []) or [])
+    path = getattr(rep, "path", None)
+    if not issues:
+        print(f"error: {err}", file=sys.stderr)
+        return
+    for i in issues:
+        print(f"error: {path + ': ' if path else ''}{i}", file=sys.stderr)
+    print(f"error: {len(issues)} problem{'s' if len(issues) != 1 else ''} in the training data; fix "
+          f"{'them' if len(issues) != 1 else 'it'} and run again (see `finetune-desktop validate`)", file=sys.stderr)
+
+
+def _print_data_summary(data, shown: int = 5) -> None:
+    st = getattr(data.report, "stats", {}) or {}
+    tokens = st.get("total_tokens")
+    msg = f"data: {len(data.conversations)} examples"
+    if tokens is not None:
+        msg += f", {tokens:,} tokens ({st.get('trained_tokens', 0):,} trained)"
+    if data.valid_report is not None:
+        msg += f"; validation file: {len(data.valid)} examples"
+    elif data.valid:
+        msg += f"; {len(data.valid)} held out for validation"
+    print(msg)
+    warns = list(getattr(data.report, "warnings", []) or []) + list(getattr(data.valid_report, "warnings", []) or [])
+    for w in warns[:shown]:
+        print(f"  warning: {w}")
+    if len(warns) > shown:
+        print(f"  ... and {len(warns) - shown} more warnings (see `finetune-desktop validate`)")
+    sys.stdout.flush()
+
+
+def run_train(args) -> int:
+    # the engine's padding mask adds two very negative numbers on purpose (numpy warns about the
+    # overflow); a real overflow shows up as a non-finite loss, which the loop reports in words
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"finetune_desktop\.engine")
+    from ..data.report import DataError
+    from .session import (TrainingSetupError, _usable_run_dir, check_config, estimate_tokens_per_second,
+                          load_base_model, prepare_data, resume_training, start_training)
+
+    control = TrainControl()
+    printer = _Printer(bool(getattr(args, "quiet", False)))
+    presses = []
+
+    def on_sigint(signum, frame):
+        presses.append(1)
+        if len(presses) == 1:
+            print("\nstopping after this step (press Ctrl-C again to abort without saving)", file=sys.stderr)
+            control.stop()
+        else:
+            raise KeyboardInterrupt
+
+    old = None
+    try:
+        old = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread
+        old = None
+    t0 = time.perf_counter()
+    try:
+        if args.resume:
+            out = Path(args.out)
+            _check_resume_data(out, args.data)
+            total_epochs = args.epochs if isinstance(args.epochs, int) else None
+            result = resume_training(out, on_event=printer, control=control, total_epochs=total_epochs)
+        else:
+            config = config_from_args(args)
+            if not Path(args.data).exists():
+                raise CliError(f"{args.data}: no such file", 2)
+            check_config(config)
+            _usable_run_dir(args.out)
+            vpath = getattr(args, "validation_file", None)
+            model, tok, base_dir = load_base_model(args.base)
+            data = prepare_data(args.data, tok, config, vpath, estimate_tokens_per_second(model, config.method))
+            if not printer.quiet:
+                _print_data_summary(data)
+            result = start_training(args.data, args.out, config, base=args.base, validation_path=vpath,
+                                    on_event=printer, control=control, prepared=(model, tok, base_dir, data))
+    except DataError as e:
+        _print_data_errors(e)
+        return 1
+    except TrainingSetupError as e:
+        raise CliError(str(e), 2) from None
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+
+    wall = time.perf_counter() - t0
+    out = Path(result.run_dir)
+    vl = f", validation loss {result.final_valid_loss:.4f}" if result.final_valid_loss is not None else ""
+    tl = f"final train loss {result.final_train_loss:.4f}" if result.final_train_loss is not None else "no steps run"
+    if result.status == "failed":
+        print(f"error: {result.reason}", file=sys.stderr)
+        return 1
+    if result.status == "stopped":
+        print(f"stopped at step {result.step} after {_fmt_time(wall)}: {tl}{vl}")
+        if result.model_dir:
+            print(f"model so far: {result.model_dir}")
+        print(f"continue with: finetune-desktop train {args.data} --out {out} --resume")
+        return 130
+    print(f"finished in {wall:.1f} s ({result.step} steps): {tl}{vl}")
+    print(f"model: {result.model_dir}")
+    if (out / "adapter").is_dir():
+        print(f"adapter: {out / 'adapter'}")
+    print(f"chat with it: finetune-desktop chat {out}")
+    return 0
+
+
+def _check_resume_data(run_dir: Path, data) -> None:
+    from .runs import RunError, read_run_json, sha256_file
+
+    try:
+        info = read_run_json(run_dir)
+    except RunError as e:
+        raise CliError(str(e), 2) from None
+    rec = (info.get("data") or {}).get("path")
+    if rec and data and Path(data).exists() and Path(data).resolve() != Path(rec):
+        want = (info.get("data") or {}).get("sha256")
+        if want and sha256_file(data) != want:
+            raise CliError(f"--resume continues {run_dir} with the data it started with ({rec}); "
+                           f"{data} is a different file", 2)

@@ -1,0 +1,330 @@
+"""Run folders: create, list and read them; write and read resumable checkpoints.
+
+A run folder (DESIGN.md section 2):
+    run.json          settings, base model, data file + sha256, versions, status, timestamps, final metrics
+    metrics.jsonl     one JSON object per line: train steps, and eval lines (with "valid_loss")
+    checkpoints/      step-NNNNNN/ {trainable.safetensors, optimizer.safetensors, state.json}
+    model/            the tuned model as an HF folder (LoRA merged) + tokenizer files
+    adapter/          with LoRA: a PEFT adapter folder
+
+Every write is atomic (temp file or folder, then rename); nothing here unpickles anything.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from ..engine.checkpoint import (atomic_write_json, make_temp_dir_beside, read_safetensors, replace_dir_atomically,
+                                 write_safetensors)
+
+RUN_FORMAT = 1
+CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
+
+
+class RunError(Exception):
+    """A problem with a run folder, in words for the user."""
+
+
+# ----------------------------------------------------------------------------- where runs live
+def app_home() -> Path:
+    env = os.environ.get("FINETUNE_DESKTOP_HOME")
+    if env:
+        return Path(env).expanduser()
+    try:
+        import platformdirs
+
+        return Path(platformdirs.user_data_dir("finetune-desktop", appauthor=False))
+    except ImportError:  # pragma: no cover - platformdirs is a dependency
+        return Path.home() / ".finetune-desktop"
+
+
+def runs_home() -> Path:
+    return app_home() / "runs"
+
+
+def new_run_dir(name_hint: str = "run", home: Path | None = None) -> Path:
+    """A fresh, not yet existing folder under runs_home(): '2026-11-27_0712_pirate_captain'."""
+    home = Path(home) if home is not None else runs_home()
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name_hint).strip("._-")[:40] or "run"
+    base = f"{datetime.now().strftime('%Y-%m-%d_%H%M%S')}_{stem}"
+    p = home / base
+    i = 2
+    while p.exists():
+        p = home / f"{base}_{i}"
+        i += 1
+    return p
+
+
+# ----------------------------------------------------------------------------- small helpers
+def now_iso() -> str:
+    return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def versions() -> dict:
+    import platform
+    import sys
+
+    from .. import __version__
+
+    out = {"finetune_desktop": __version__, "python": platform.python_version(), "numpy": np.__version__,
+           "platform": sys.platform}
+    for mod in ("tokenizers", "safetensors"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            pass
+    return out
+
+
+# ----------------------------------------------------------------------------- run.json
+def read_run_json(run_dir) -> dict:
+    p = Path(run_dir) / "run.json"
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{run_dir}: not a run folder (run.json is missing)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(f"{p}: cannot be read ({e})") from None
+    if not isinstance(d, dict):
+        raise RunError(f"{p}: expected a JSON object")
+    return d
+
+
+def write_run_json(run_dir, info: dict) -> None:
+    info = dict(info)
+    info["updated"] = now_iso()
+    atomic_write_json(Path(run_dir) / "run.json", info)
+
+
+def update_run_json(run_dir, **fields) -> dict:
+    info = read_run_json(run_dir)
+    info.update(fields)
+    write_run_json(run_dir, info)
+    return info
+
+
+# ----------------------------------------------------------------------------- listing
+@dataclass(frozen=True)
+class RunInfo:
+    path: str
+    name: str
+    status: str                 # running / finished / stopped / failed (or "unknown")
+    created: str
+    updated: str
+    method: str
+    base_model: str
+    data_path: str
+    steps: int
+    total_steps: int
+    final_train_loss: float | None
+    final_valid_loss: float | None
+    has_model: bool
+    reason: str | None = None   # why it failed (or why a "running" run is really stopped)
+
+
+def pid_alive(pid) -> bool:
+    """Is process `pid` still running (this process counts)? False for a missing or bad pid."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def load_run(run_dir) -> RunInfo:
+    """A run's summary. A run marked running whose process is gone (killed) reads as stopped:
+    it continues from its last checkpoint like any stopped run."""
+    run_dir = Path(run_dir)
+    d = read_run_json(run_dir)
+    reason = (d.get("failure") or {}).get("reason")
+    if d.get("status") == "running" and "pid" in d and not pid_alive(d.get("pid")):
+        d["status"] = "stopped"
+        reason = "the training process ended before the run finished; it can continue from its last checkpoint"
+    final = d.get("final") or {}
+    settings = d.get("settings") or {}
+    hyper = d.get("hyper") or {}
+    return RunInfo(path=str(run_dir), name=run_dir.name, status=str(d.get("status", "unknown")),
+                   created=str(d.get("created", "")), updated=str(d.get("updated", "")),
+                   method=str(settings.get("method", "")),
+                   base_model=str((d.get("base_model") or {}).get("path", "")),
+                   data_path=str((d.get("data") or {}).get("path", "")),
+                   steps=int(d.get("step", final.get("steps", 0)) or 0),
+                   total_steps=int(hyper.get("total_steps", 0) or 0),
+                   final_train_loss=final.get("train_loss"), final_valid_loss=final.get("valid_loss"),
+                   has_model=(run_dir / "model" / "config.json").exists(), reason=reason)
+
+
+def list_runs(home=None) -> list[RunInfo]:
+    """Every readable run under runs_home() (or `home`), newest first."""
+    home = Path(home) if home is not None else runs_home()
+    if not home.is_dir():
+        return []
+    out = []
+    for p in home.iterdir():
+        if p.name.startswith(".") or not (p / "run.json").is_file():
+            continue
+        try:
+            out.append(load_run(p))
+        except (RunError, ValueError, TypeError):
+            continue
+    out.sort(key=lambda r: (r.created, r.name), reverse=True)
+    return out
+
+
+@dataclass(frozen=True)
+class RunMetrics:
+    train: list[dict]   # one dict per step line
+    eval: list[dict]    # one dict per eval line (has "valid_loss")
+
+
+def load_run_metrics(run_dir) -> RunMetrics:
+    """Read metrics.jsonl; a cut-off last line (a killed process) is skipped."""
+    p = Path(run_dir) / "metrics.jsonl"
+    train, ev = [], []
+    if not p.exists():
+        return RunMetrics(train, ev)
+    with open(p, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(d, dict):
+                continue
+            (ev if "valid_loss" in d else train).append(d)
+    return RunMetrics(train, ev)
+
+
+def truncate_metrics(run_dir, last_step: int) -> None:
+    """Keep only metric lines up to last_step (used when resuming from a checkpoint)."""
+    p = Path(run_dir) / "metrics.jsonl"
+    if not p.exists():
+        return
+    keep = []
+    with open(p, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            s = line.strip()
+            if not s:
+                continue
+            try:
+                d = json.loads(s)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(d, dict) and int(d.get("step", 0)) <= last_step:
+                keep.append(s)
+    from ..engine.checkpoint import atomic_write_text
+
+    atomic_write_text(p, "".join(k + "\n" for k in keep))
+
+
+class MetricsWriter:
+    """Appends one JSON line per call and flushes it (cheap; the file stays open)."""
+
+    def __init__(self, run_dir):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, obj: dict) -> None:
+        self._f.write(json.dumps(obj, ensure_ascii=False, allow_nan=False) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def checkpoint_dirs(run_dir) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    c = Path(run_dir) / "checkpoints"
+    if not c.is_dir():
+        return []
+    out = []
+    for p in c.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and (p / "state.json").is_file():
+            out.append((int(m.group(1)), p))
+    return [p for _, p in sorted(out)]
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    c = checkpoint_dirs(run_dir)
+    return c[-1] if c else None
+
+
+def save_checkpoint(run_dir, step: int, trainable: dict, opt_state: dict, state: dict, keep: int = 1) -> Path:
+    """Write checkpoints/step-NNNNNN atomically (safetensors + JSON), then drop all but the newest `keep`."""
+    target = Path(run_dir) / "checkpoints" / f"step-{step:06d}"
+    tmp = make_temp_dir_beside(target)
+    try:
+        write_safetensors(tmp / "trainable.safetensors", trainable)
+        opt = {f"m.{k}": v for k, v in opt_state["m"].items()}
+        opt.update({f"v.{k}": v for k, v in opt_state["v"].items()})
+        write_safetensors(tmp / "optimizer.safetensors", opt)
+        st = dict(state)
+        st["optimizer_step"] = int(opt_state["step"])
+        st["format"] = RUN_FORMAT
+        atomic_write_json(tmp / "state.json", st)
+        replace_dir_atomically(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep > 0:
+        for old in checkpoint_dirs(run_dir)[:-keep]:
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(path) -> tuple[dict, dict, dict]:
+    """-> (trainable tensors, optimizer state {"step", "m", "v"}, state dict)."""
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(f"{path}: checkpoint state cannot be read ({e})") from None
+    from ..engine.config import ModelFormatError
+
+    try:
+        trainable = read_safetensors(path / "trainable.safetensors")
+        raw = read_safetensors(path / "optimizer.safetensors")
+    except ModelFormatError as e:
+        raise RunError(f"checkpoint is damaged: {e}") from None
+    m = {k[2:]: v for k, v in raw.items() if k.startswith("m.")}
+    v = {k[2:]: v for k, v in raw.items() if k.startswith("v.")}
+    return trainable, {"step": int(state.get("optimizer_step", 0)), "m": m, "v": v}, state
+

@@ -1,0 +1,313 @@
+"""Start or resume a fine-tuning run from files: the one entry point the CLI and the app share.
+
+    result = start_training("pirate.jsonl", run_dir=None, config=TrainConfig(), base="base",
+                            on_event=print, control=TrainControl())
+    result = resume_training(run_dir, extra_epochs=2, on_event=..., control=...)
+
+Both block until the run finishes, stops or fails (run them on a worker thread in the app) and
+return a TrainResult. Problems that stop a run before it starts raise:
+  TrainingSetupError  (no base model, run folder in use, changed data file, ...), in words;
+  data.DataError      (the training file has errors; `.report` has every issue by line).
+"""
+from __future__ import annotations
+
+import collections
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..engine import LoraConfig, Model
+from ..engine.config import ModelFormatError
+from ..resources_path import resolve_model_path
+from .auto import Hyperparameters, resolve
+from .config import TrainConfig
+from .control import TrainControl
+from .loop import LoopOptions, TrainResult, default_segments, train
+from .runs import (RunError, latest_checkpoint, new_run_dir, now_iso, pid_alive, read_run_json, sha256_file,
+                   versions, write_run_json)
+
+
+class TrainingSetupError(Exception):
+    """A run cannot start; the message says why and what to do."""
+
+
+@dataclass
+class PreparedData:
+    train: list            # EncodedExample
+    valid: list
+    conversations: list           # every conversation of the training file
+    valid_conversations: list
+    report: object         # ValidationReport of the training file
+    valid_report: object | None
+    system_prompt: str | None
+
+
+# ----------------------------------------------------------------------------- model + data
+def weights_file(folder: Path) -> Path | None:
+    for name in ("model.safetensors", "model.safetensors.index.json"):
+        if (folder / name).exists():
+            return folder / name
+    return None
+
+
+def load_base_model(spec: str):
+    """'base', a model folder or a run folder -> (Model, Tokenizer, folder). Clear errors."""
+    from ..engine.tokenizer import Tokenizer
+
+    folder = resolve_model_path(spec)
+    if spec == "base" and not (folder / "config.json").exists():
+        raise TrainingSetupError(f"the embedded base model is not installed ({folder} has no config.json); "
+                                 "pass --base with a model folder")
+    if not folder.exists():
+        raise TrainingSetupError(f"model folder {folder} does not exist")
+    if not (folder / "config.json").exists():
+        raise TrainingSetupError(f"{folder} is not a model folder (no config.json)")
+    try:
+        model = Model.from_pretrained(folder)
+        tok = Tokenizer.from_pretrained(folder)
+    except ModelFormatError as e:
+        raise TrainingSetupError(str(e)) from None
+    if not tok.chat_template:
+        raise TrainingSetupError(f"{folder}: the tokenizer has no chat template, so conversations cannot be "
+                                 "rendered (add chat_template to tokenizer_config.json)")
+    return model, tok, folder
+
+
+def estimate_tokens_per_second(model, method: str) -> float:
+    """A rough training speed for the validation report's time estimate (numpy on a laptop CPU)."""
+    flops_per_token = (6 if method == "full" else 4) * model.num_parameters()
+    return max(50.0, 4e10 / max(1, flops_per_token))
+
+
+def _check_file(path, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise TrainingSetupError(f"{what} {p} does not exist")
+    if not p.is_file():
+        raise TrainingSetupError(f"{what} {p} is not a file")
+    return p
+
+
+def _most_common_system_prompt(convs) -> str | None:
+    c = collections.Counter()
+    for conv in convs:
+        for m in conv.messages:
+            if m.role == "system":
+                c[m.content] += 1
+                break
+    if not c:
+        return None
+    text, n = c.most_common(1)[0]
+    return text if n * 2 >= len(convs) else None
+
+
+def _data_api():
+    from ..data import DataError, encode_conversations, split_train_valid, validate_file
+
+    return validate_file, encode_conversations, split_train_valid, DataError
+
+
+def prepare_data(data_path, tokenizer, config: TrainConfig, validation_path=None,
+                 tokens_per_second: float = 1000.0) -> PreparedData:
+    """Validate the file(s) (raises data.DataError on errors), encode, split."""
+    validate_file, encode_conversations, split_train_valid, DataError = _data_api()
+    data_path = _check_file(data_path, "training file")
+    bs = config.batch_size if config.batch_size != "auto" else 8
+
+    def load(path):
+        rep = validate_file(path, tokenizer, config.max_seq_len, bs, tokens_per_second)
+        if not rep.ok:
+            raise DataError(rep)
+        convs = list(rep.conversations)
+        ex = list(getattr(rep, "examples", None) or []) or encode_conversations(tokenizer, convs, config.max_seq_len)
+        return rep, convs, [e for e in ex if e.num_trained_tokens > 0]
+
+    report, convs, examples = load(data_path)
+    vreport = None
+    if validation_path:
+        vreport, vconvs, valid_ex = load(_check_file(validation_path, "validation file"))
+        train_ex = examples
+    elif config.val_split and config.val_split > 0:
+        train_ex, valid_ex = split_train_valid(examples, config.val_split, config.seed)
+        vconvs = []
+    else:
+        train_ex, valid_ex, vconvs = examples, [], []
+    if not train_ex:
+        raise TrainingSetupError(f"{data_path}: no example has assistant tokens left to train on "
+                                 f"(are the replies cut off by --max-seq-len {config.max_seq_len}?)")
+    return PreparedData(train_ex, valid_ex, convs, vconvs, report, vreport, _most_common_system_prompt(convs))
+
+
+def attach_method(model: Model, config: TrainConfig) -> None:
+    if config.method == "lora":
+        model.add_lora(LoraConfig(r=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                                  target_modules=tuple(config.lora_targets)), seed=config.seed)
+    elif config.method != "full":
+        raise TrainingSetupError(f"unknown method {config.method!r} (lora or full)")
+
+
+def check_config(config: TrainConfig) -> None:
+    problems = []
+    if config.method not in ("lora", "full"):
+        problems.append(f"method must be 'lora' or 'full', not {config.method!r}")
+    if config.schedule not in ("constant", "linear", "cosine"):
+        problems.append(f"schedule must be constant, linear or cosine, not {config.schedule!r}")
+    if config.method == "lora" and config.lora_rank < 1:
+        problems.append("lora_rank must be at least 1")
+    if not 0.0 <= config.val_split < 1.0:
+        problems.append(f"val_split must be between 0 and 1, not {config.val_split}")
+    if config.max_seq_len < 8:
+        problems.append("max_seq_len must be at least 8")
+    if not 0.0 <= config.lora_dropout < 1.0:
+        problems.append("lora_dropout must be in [0, 1)")
+    for name in ("epochs", "batch_size"):
+        v = getattr(config, name)
+        if v != "auto" and (not isinstance(v, int) or v < 1):
+            problems.append(f"{name} must be a positive whole number or 'auto', not {v!r}")
+    lr = config.learning_rate
+    if lr != "auto" and (not isinstance(lr, (int, float)) or not lr > 0):
+        problems.append(f"learning_rate must be positive or 'auto', not {lr!r}")
+    if problems:
+        raise TrainingSetupError("; ".join(problems))
+
+
+def _steps_per_epoch(examples, batch_size, seed, pad_id) -> int:
+    from ..data.batching import make_batches
+
+    return len(make_batches(examples, batch_size, seed, 0, pad_id))
+
+
+def _usable_run_dir(run_dir) -> Path:
+    run_dir = Path(run_dir).expanduser()
+    if run_dir.exists():
+        if not run_dir.is_dir():
+            raise TrainingSetupError(f"{run_dir} exists and is not a folder")
+        if any(run_dir.iterdir()):
+            if (run_dir / "run.json").exists():
+                raise TrainingSetupError(f"{run_dir} already holds a run; use --resume to continue it, "
+                                         "or choose another --out folder")
+            raise TrainingSetupError(f"{run_dir} exists and is not empty; choose another --out folder")
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- entry points
+def start_training(data_path, run_dir=None, config: TrainConfig = TrainConfig(), base: str = "base",
+                   validation_path=None, on_event=None, control: TrainControl | None = None,
+                   options: LoopOptions = LoopOptions(), prepared=None) -> TrainResult:
+    """Create a run folder and train. `prepared` = (model, tokenizer, base_dir, PreparedData) skips loading."""
+    check_config(config)
+    if prepared is None:
+        model, tok, base_dir = load_base_model(base)
+        data = prepare_data(data_path, tok, config, validation_path,
+                            estimate_tokens_per_second(model, config.method))
+    else:
+        model, tok, base_dir, data = prepared
+    if run_dir is None:
+        run_dir = new_run_dir(Path(data_path).stem)
+    run_dir = _usable_run_dir(run_dir)
+    attach_method(model, config)
+    pad = tok.pad_token_id
+    bs_guess = resolve(config, len(data.train), max(len(e) for e in data.train)).batch_size
+    spe = _steps_per_epoch(data.train, bs_guess, config.seed, pad)
+    hyper = resolve(config, len(data.train), max(len(e) for e in data.train), steps_per_epoch=spe)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    wf = weights_file(base_dir)
+    info = {
+        "format": 1,
+        "status": "running",
+        "created": now_iso(),
+        "pid": os.getpid(),
+        "base_model": {"spec": base, "path": str(Path(base_dir).resolve()),
+                       "weights_sha256": sha256_file(wf) if wf else None,
+                       "model_type": model.config.model_type, "num_parameters": model.num_parameters()},
+        "data": {"path": str(Path(data_path).resolve()), "sha256": sha256_file(data_path),
+                 "format": getattr(data.report, "format", None), "num_examples": len(data.conversations),
+                 "validation_path": str(Path(validation_path).resolve()) if validation_path else None,
+                 "validation_sha256": sha256_file(validation_path) if validation_path else None,
+                 "num_train": len(data.train), "num_valid": len(data.valid),
+                 "train_tokens": int(sum(len(e) for e in data.train)),
+                 "trained_tokens": int(sum(e.num_trained_tokens for e in data.train))},
+        "settings": config.to_dict(),
+        "hyper": hyper.to_dict(),
+        "schedule_segments": default_segments(hyper),
+        "system_prompt": data.system_prompt,
+        "versions": versions(),
+        "step": 0,
+    }
+    write_run_json(run_dir, info)
+    return train(model, data.train, data.valid, config, hyper, run_dir, on_event=on_event, control=control,
+                 options=options, base_dir=base_dir, pad_id=pad)
+
+
+def resume_training(run_dir, extra_epochs: int = 0, on_event=None, control: TrainControl | None = None,
+                    options: LoopOptions = LoopOptions(), total_epochs: int | None = None) -> TrainResult:
+    """Continue a stopped (or killed) run from its newest checkpoint; with extra_epochs (or a
+    total_epochs above the run's), add epochs to a finished run. Same data and settings as recorded."""
+    run_dir = Path(run_dir).expanduser()
+    try:
+        info = read_run_json(run_dir)
+    except RunError as e:
+        raise TrainingSetupError(str(e)) from None
+    if info.get("status") == "running" and pid_alive(info.get("pid")):
+        raise TrainingSetupError(f"{run_dir} is still running (process {info.get('pid')})")
+    cp = latest_checkpoint(run_dir)
+    if cp is None:
+        raise TrainingSetupError(f"{run_dir} has no checkpoint to resume from; start a new run instead")
+    try:
+        config = TrainConfig.from_dict(info["settings"])
+        hyper = Hyperparameters.from_dict(info["hyper"])
+        segs = [dict(s) for s in info.get("schedule_segments") or default_segments(hyper)]
+        base_path = Path(info["base_model"]["path"])
+        data_info = info["data"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise TrainingSetupError(f"{run_dir / 'run.json'}: missing or invalid field {e}") from None
+
+    import json
+    try:
+        st = json.loads((cp / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TrainingSetupError(f"{cp}: checkpoint state cannot be read ({e})") from None
+    done = int(st.get("step", 0))
+    if st.get("segments"):
+        segs = [dict(s) for s in st["segments"]]
+    total = segs[-1]["start"] + segs[-1]["steps"]
+    S = hyper.steps_per_epoch
+    if total_epochs is not None and total_epochs * S > total:
+        extra_epochs = max(extra_epochs, total_epochs - total // S)
+    if extra_epochs > 0:
+        add = extra_epochs * S
+        warm = int(round(config.warmup_ratio * add))
+        if config.warmup_ratio > 0:
+            warm = max(1, warm)
+        segs.append({"start": total, "steps": add, "warmup": min(warm, add), "lr": hyper.learning_rate})
+        total += add
+        hyper = Hyperparameters(epochs=total // S, batch_size=hyper.batch_size, learning_rate=hyper.learning_rate,
+                                eval_every=hyper.eval_every, warmup_steps=hyper.warmup_steps, steps_per_epoch=S,
+                                total_steps=total, auto=hyper.auto)
+    elif done >= total:
+        raise TrainingSetupError(f"{run_dir} already finished all {total} steps; add epochs to train more "
+                                 "(for example --epochs N with N above the run's epochs)")
+
+    if not base_path.exists():
+        raise TrainingSetupError(f"the run's base model {base_path} is gone; it is needed to resume")
+    model, tok, base_dir = load_base_model(str(base_path))
+    wf = weights_file(base_dir)
+    want = info["base_model"].get("weights_sha256")
+    if want and wf is not None and wf.name == "model.safetensors" and sha256_file(wf) != want:
+        raise TrainingSetupError(f"the base model {base_dir} changed since this run started; resuming needs the same weights")
+    for key, pkey in (("sha256", "path"), ("validation_sha256", "validation_path")):
+        p = data_info.get(pkey)
+        if not p:
+            continue
+        if not Path(p).exists():
+            raise TrainingSetupError(f"the run's data file {p} is gone; resuming needs the same data")
+        if data_info.get(key) and sha256_file(p) != data_info[key]:
+            raise TrainingSetupError(f"the data file {p} changed since this run started; resuming needs the same "
+                                     "data (start a new run to train on the new file)")
+    data = prepare_data(data_info["path"], tok, config, data_info.get("validation_path"),
+                        estimate_tokens_per_second(model, config.method))
+    attach_method(model, config)
+    return train(model, data.train, data.valid, config, hyper, run_dir, on_event=on_event, control=control,
+                 resume=True, options=options, base_dir=base_dir, segments=segs, pad_id=tok.pad_token_id)
+
