@@ -14,7 +14,6 @@ import pytest
 from finetune_desktop.engine import LoraConfig, Model, ModelConfig, ModelFormatError
 from finetune_desktop.engine import checkpoint as ckpt
 from finetune_desktop.engine import model as model_module
-from finetune_desktop.engine.model import expected_shapes
 
 CFG = ModelConfig(vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True,
@@ -267,6 +266,8 @@ def test_header_not_json(saved):
     write_header_file(f, [1, 2])
     with pytest.raises(ModelFormatError, match="not a JSON object"):
         Model.from_pretrained(folder)
+
+
 
 
 @pytest.mark.parametrize("entry", [

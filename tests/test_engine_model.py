@@ -216,6 +216,75 @@ def test_out_of_range_token_id_is_an_error():
         m.logits(np.array([[1, m.config.vocab_size]]))
 
 
+# ----------------------------------------------------------------------------- batch shards in threads
+def _with_threads(m: Model, n: int) -> Model:
+    m.threads = n
+    return m
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_sharded_batch_equals_single_thread(threads):
+    """forward/backward split the batch into shards run in threads; results must not depend on it."""
+    one = _with_threads(make_model("gqa_bias_tied", seed=6), 1)
+    many = _with_threads(make_model("gqa_bias_tied", seed=6), threads)
+    ids, labels = batch(one.config.vocab_size, B=5, T=7)
+    am = np.ones_like(ids)
+    am[3, 5:] = 0
+    labels[3, 5:] = -100
+    l1, g1 = one.loss_and_grads(ids, labels, attention_mask=am)
+    ln, gn = many.loss_and_grads(ids, labels, attention_mask=am)
+    assert abs(l1 - ln) < 1e-12
+    assert set(g1) == set(gn)
+    for k in g1:
+        err = np.abs(g1[k] - gn[k]).max() / max(np.abs(g1[k]).max(), 1e-12)
+        assert err < 1e-12, f"{k}: {threads} shards differ from one by {err:.2e}"
+    np.testing.assert_allclose(many.logits(ids, attention_mask=am), one.logits(ids, attention_mask=am),
+                               rtol=1e-12, atol=1e-12)
+    _, g_again = many.loss_and_grads(ids, labels, attention_mask=am)
+    for k in gn:
+        np.testing.assert_array_equal(g_again[k], gn[k], err_msg=f"{k}: sharded gradients are not deterministic")
+
+
+def test_sharded_lora_step_only_adapter_grads():
+    m = _with_threads(make_model("gqa_bias_tied", dtype=np.float32), 2)
+    m.add_lora(LoraConfig(r=2, alpha=4.0), seed=0)
+    ids, labels = batch(m.config.vocab_size, B=4)
+    loss, grads = m.loss_and_grads(ids, labels)
+    assert set(grads) == set(m.lora)
+    m1 = _with_threads(make_model("gqa_bias_tied", dtype=np.float32), 1)
+    m1.add_lora(LoraConfig(r=2, alpha=4.0), seed=0)
+    l1, g1 = m1.loss_and_grads(ids, labels)
+    assert abs(loss - l1) < 1e-5
+    for k in g1:
+        assert _rel(grads[k], g1[k]) < 1e-4, k
+
+
+def test_lora_dropout_with_a_seed_does_not_depend_on_thread_count():
+    """The same seed must give the same training step on a 2-core laptop and an 8-core desktop."""
+    losses = []
+    for threads in (1, 2):
+        m = _with_threads(make_model("gqa_bias_tied"), threads)
+        m.add_lora(LoraConfig(r=2, alpha=4.0, dropout=0.3), seed=0)
+        _randomise_B(m)
+        ids, labels = batch(m.config.vocab_size, B=4)
+        losses.append(m.loss_and_grads(ids, labels, train=True, rng=np.random.default_rng(0))[0])
+    assert abs(losses[0] - losses[1]) < 1e-12, f"loss with 1 thread {losses[0]} != with 2 threads {losses[1]}"
+
+
+def test_errors_in_a_shard_propagate_and_restore_blas_threads():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    m = _with_threads(make_model("gqa_bias_tied", dtype=np.float32), 2)
+    before = [(i["internal_api"], i["num_threads"]) for i in threadpoolctl.threadpool_info()]
+    ids = np.zeros((4, 5), dtype=np.int64)
+    ids[3, 2] = m.config.vocab_size  # out of range, in the second shard
+    with pytest.raises(ValueError, match="out of range"):
+        m.logits(ids)
+    ok, _ = batch(m.config.vocab_size, B=4)
+    m.loss_and_grads(ok, ok)
+    after = [(i["internal_api"], i["num_threads"]) for i in threadpoolctl.threadpool_info()]
+    assert after == before, f"BLAS thread limits not restored: {before} -> {after}"
+
+
 # ----------------------------------------------------------------------------- KV cache
 KV_CASES = ["gqa_bias_tied", "qwen2_qkv_bias", "llama3_rope", "mistral_sliding_window", "untied_no_bias_G1"]
 
@@ -417,6 +486,24 @@ def test_merge_lora_equals_forward_with_adapters(targets):
     merged = m.logits(ids)
     err = _rel(merged, with_adapters)
     assert err < 1e-5, f"merged model logits differ from adapter forward by {err:.2e}"
+
+
+def test_merge_lora_releases_the_unmerged_weights():
+    """After merge_lora the old base weights (and any fused copies made of them) must be freeable:
+    for a 135M model they are hundreds of MB."""
+    import gc
+    import weakref
+    m = _lora_model()
+    _randomise_B(m)
+    ids, labels = batch(m.config.vocab_size)
+    m.loss_and_grads(ids, labels)  # a training step (builds whatever caches the forward uses)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    old = weakref.ref(m.params[name])
+    m.merge_lora()
+    gc.collect()
+    assert old() is None, f"the unmerged {name} is still referenced after merge_lora (a stale cache?)"
+    m.loss_and_grads(ids, labels)  # full fine-tuning now works on the merged weights
+    assert set(m.loss_and_grads(ids, labels)[1]) == set(expected_shapes(m.config))
 
 
 def test_merged_params_leaves_params_untouched():

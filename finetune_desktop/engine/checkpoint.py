@@ -32,6 +32,10 @@ def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     return u.view(np.float32)
 
 
+def _is_index(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def read_safetensors(path, as_float32: bool = True) -> dict[str, np.ndarray]:
     """Read every tensor of one .safetensors file. Floats are converted to float32 (BF16/F16 too)."""
     path = Path(path)
@@ -66,6 +70,10 @@ def read_safetensors(path, as_float32: bool = True) -> dict[str, np.ndarray]:
                 dt, shape, (a, b) = info["dtype"], list(info["shape"]), info["data_offsets"]
             except (KeyError, TypeError, ValueError):
                 raise ModelFormatError(f"{path}: corrupt safetensors header entry for tensor {name!r}") from None
+            if not all(_is_index(v) for v in (*shape, a, b)):
+                raise ModelFormatError(
+                    f"{path}: corrupt safetensors header entry for tensor {name!r} (shape {shape} and offsets "
+                    f"{[a, b]} must be non-negative integers)")
             if dt not in _DTYPES:
                 raise ModelFormatError(f"{path}: tensor {name!r} has unsupported dtype {dt}")
             np_dt, item = _DTYPES[dt]
@@ -190,10 +198,11 @@ def load_weights(folder) -> dict[str, np.ndarray]:
     others = sorted(p.name for p in folder.glob("*.safetensors"))
     if len(others) == 1:
         return read_safetensors(folder / others[0])
-    if (folder / "pytorch_model.bin").exists() or list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+    pickles = sorted(p.name for p in (*folder.glob("*.bin"), *folder.glob("*.pt"), *folder.glob("*.pth")))
+    if pickles:
         raise ModelFormatError(
-            f"{folder}: only PyTorch pickle weights (.bin/.pt) found. For safety we never unpickle files; "
-            "convert the model to safetensors (model.safetensors) first")
+            f"{folder / pickles[0]}: only PyTorch pickle weights found ({', '.join(pickles)}). For safety we never "
+            "unpickle files; convert the model to safetensors (model.safetensors) first")
     raise ModelFormatError(f"{folder}: no model.safetensors (or model.safetensors.index.json) in this folder")
 
 

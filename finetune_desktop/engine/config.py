@@ -163,20 +163,28 @@ class ModelConfig:
             if scaling.get("rope_type", "default") == "default":
                 scaling = None
         if rope_theta is None:
-            rope_theta = 1000000.0 if model_type == "qwen2" else 10000.0
+            rope_theta = 10000.0  # transformers' default for all three families
 
         sliding = None
+        L = int(d["num_hidden_layers"])
         if model_type == "mistral":
-            sliding = d.get("sliding_window")
+            sliding = d.get("sliding_window", 4096)  # transformers' default when the key is absent
         elif model_type == "qwen2":
-            if d.get("use_sliding_window"):
-                sw = d.get("sliding_window")
-                maxw = d.get("max_window_layers", d["num_hidden_layers"])
-                if maxw < d["num_hidden_layers"]:
-                    raise ModelFormatError(
-                        f"{source}: Qwen2 sliding-window attention on only some layers (max_window_layers="
-                        f"{maxw}) is not supported")
+            # transformers: a layer slides when use_sliding_window and its index >= max_window_layers
+            # (default 28), unless config.json lists layer_types explicitly.
+            sw = d.get("sliding_window", 4096) if d.get("use_sliding_window", False) else None
+            kinds = d.get("layer_types")
+            if not isinstance(kinds, list) or len(kinds) != L:
+                maxw = d.get("max_window_layers", 28)
+                kinds = ["sliding_attention" if sw is not None and i >= maxw else "full_attention" for i in range(L)]
+            if sw is None or "sliding_attention" not in kinds:
+                sliding = None
+            elif set(kinds) == {"sliding_attention"}:
                 sliding = sw
+            else:
+                raise ModelFormatError(
+                    f"{source}: Qwen2 sliding-window attention on only some layers is not supported "
+                    f"({kinds.count('sliding_attention')} of {L} layers slide)")
         if d.get("pretraining_tp", 1) not in (1, None):
             raise ModelFormatError(f"{source}: pretraining_tp={d['pretraining_tp']} is not supported")
         if d.get("attention_dropout", 0.0) not in (0, 0.0):
@@ -198,7 +206,7 @@ class ModelConfig:
             num_attention_heads=int(d["num_attention_heads"]),
             num_key_value_heads=d.get("num_key_value_heads"),
             head_dim=d.get("head_dim"),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6 if model_type == "qwen2" else 1e-5)),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope_theta),
             rope_scaling=scaling,
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
@@ -247,9 +255,11 @@ class ModelConfig:
         if self.model_type == "mistral":
             d["sliding_window"] = self.sliding_window
         if self.model_type == "qwen2":
-            d["use_sliding_window"] = self.sliding_window is not None
+            slides = self.sliding_window is not None
+            d["use_sliding_window"] = slides
             d["sliding_window"] = self.sliding_window
-            d["max_window_layers"] = self.num_hidden_layers
+            d["max_window_layers"] = 0 if slides else self.num_hidden_layers
+            d["layer_types"] = ["sliding_attention" if slides else "full_attention"] * self.num_hidden_layers
         for k, v in self.extra.items():
             d.setdefault(k, v)
         return d

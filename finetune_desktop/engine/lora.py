@@ -128,7 +128,11 @@ def lora_forward(x, A, B, scale, dropout=0.0, rng=None):
     x2 = x.reshape(-1, x.shape[-1])
     mask = None
     if dropout > 0.0 and rng is not None:
-        mask = (rng.random(x2.shape) >= dropout).astype(x.dtype) / (1.0 - dropout)
+        if isinstance(rng, list):  # one generator per batch row (the model's sharded path)
+            draws = np.stack([g.random(x.shape[1:]) for g in rng]).reshape(x2.shape)
+        else:
+            draws = rng.random(x2.shape)
+        mask = (draws >= dropout).astype(x.dtype) / (1.0 - dropout)
         x2 = x2 * mask
     u = x2 @ A.T  # (N, r)
     y = (u @ B.T) * scale  # (N, out)

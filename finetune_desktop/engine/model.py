@@ -79,6 +79,14 @@ def init_params(cfg: ModelConfig, seed: int = 0, std: float = 0.02, dtype=np.flo
     return out
 
 
+def _row_generators(rng, batch: int):
+    """One child generator per batch row, drawn in row order, so dropout masks do not depend on
+    how the batch is split over threads."""
+    if rng is None:
+        return None
+    return [np.random.default_rng(int(s)) for s in rng.integers(2**63, size=batch)]
+
+
 def default_threads() -> int:
     env = os.environ.get("FINETUNE_DESKTOP_THREADS")
     if env and env.isdigit() and int(env) > 0:
@@ -178,8 +186,7 @@ class Model:
 
     @classmethod
     def from_pretrained(cls, folder) -> "Model":
-        """Load an HF folder (config.json + safetensors). A run folder's `model/` is found too, and
-        a PEFT adapter folder is applied on top of its base model when that base is found."""
+        """Load an HF folder (config.json + safetensors). Given a run folder, its `model/` is loaded."""
         folder = Path(folder)
         if not folder.exists():
             raise ModelFormatError(f"{folder}: no such folder")
@@ -195,6 +202,7 @@ class Model:
 
     # ------------------------------------------------------------------ LoRA
     def add_lora(self, lora_config: LoraConfig, seed: int = 0) -> None:
+        self._fuse_cache.clear()
         self.lora_config = lora_config
         self.lora = init_lora(self.params, lora_config, self.config.num_hidden_layers, seed=seed, dtype=self.dtype)
 
@@ -206,6 +214,7 @@ class Model:
                 raise ModelFormatError(f"{folder}: adapter tensor {k!r} is missing")
             if lora[k].shape != v.shape:
                 raise ModelFormatError(f"{folder}: adapter tensor {k!r} has shape {lora[k].shape}, expected {v.shape}")
+        self._fuse_cache.clear()
         self.lora_config = cfg
         self.lora = {k: lora[k].astype(self.dtype) for k in ref}
 
@@ -219,6 +228,7 @@ class Model:
         """Fold the adapters into the weights and drop them."""
         self.params = self.merged_params()
         self.lora, self.lora_config = None, None
+        self._fuse_cache.clear()
 
     def trainable_params(self) -> dict[str, np.ndarray]:
         """The live arrays an optimizer updates in place: the adapters with LoRA, else everything."""
@@ -307,11 +317,15 @@ class Model:
         if ids.ndim == 1:
             ids = ids[None]
         n = min(self.threads, ids.shape[0])
+        if train and rng is None and self.lora is not None and self.lora_config.dropout > 0:
+            raise ValueError("LoRA dropout needs a random generator: pass rng=np.random.default_rng(seed)")
         if kv_cache is not None or n <= 1:
-            return self._forward_one(ids, attention_mask, kv_cache, train, rng, last_only)
+            return self._forward_one(ids, attention_mask, kv_cache, train,
+                                     _row_generators(rng, ids.shape[0]) if train else None, last_only)
         bounds = np.linspace(0, ids.shape[0], n + 1).astype(int)
         shards = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-        rngs = [None] * n if rng is None else [np.random.default_rng(int(rng.integers(2**63))) for _ in range(n)]
+        rows = _row_generators(rng, ids.shape[0])
+        rngs = [None if rows is None else rows[s] for s in shards]
         masks = [None if attention_mask is None else np.asarray(attention_mask)[s] for s in shards]
         with _parallel_section():
             outs = list(_pool(n).map(lambda i: self._forward_one(ids[shards[i]], masks[i], None, train, rngs[i], last_only),
@@ -510,8 +524,8 @@ class Model:
                     return
                 yield nxt
                 history.append(nxt)
-                if cache.length >= total:
-                    return
+                if len(history) >= total:
+                    return  # max_new_tokens reached: no need to run the model once more
                 last = self._decode_one(nxt, cache, packed, cos_all[cache.length], sin_all[cache.length])
         finally:
             self.params, self.lora = saved, saved_lora

@@ -108,11 +108,11 @@ def attention_mask_bias(T, S, dtype, key_mask=None, window=None):
     if window is not None:
         allowed = allowed & (qpos - kpos < window)
     neg = np.finfo(dtype).min
-    bias = np.where(allowed, 0.0, neg).astype(dtype)[None, None]  # (1, 1, T, S)
     if key_mask is not None:
-        bias = bias + np.where(key_mask[:, None, None, :] > 0, 0.0, neg).astype(dtype)
-        bias = np.maximum(bias, neg)
-    return bias
+        allowed = allowed[None, None] & (np.asarray(key_mask)[:, None, None, :] > 0)  # (B, 1, T, S)
+    else:
+        allowed = allowed[None, None]  # (1, 1, T, S)
+    return np.where(allowed, 0.0, neg).astype(dtype)
 
 
 ATTN_BLOCK = 64  # queries per block: blocks skip the keys that the causal mask would hide anyway

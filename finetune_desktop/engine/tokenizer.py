@@ -155,7 +155,11 @@ class Tokenizer:
                    pad_token=self.pad_token or "", unk_token=self.unk_token or "",
                    add_generation_prompt=add_generation_prompt)
         ctx.update(kwargs)
-        return self._template.render(messages=[dict(m) for m in messages], **ctx)
+        from jinja2.exceptions import TemplateError
+        try:
+            return self._template.render(messages=[dict(m) for m in messages], **ctx)
+        except TemplateError as e:  # includes the sandbox's SecurityError
+            raise ModelFormatError(f"chat template failed: {e}") from None
 
 
 class StreamDecoder:
