@@ -51,8 +51,8 @@ def generate(path: Path, n: int, seed: int = 0) -> int:
             msgs = [{"role": "system", "content": system}]
             turns = 2 if i % 7 == 0 else 1
             for _ in range(turns):
-                msgs.append({"role": "user", "content": _sentence(rng, rng.randint(6, 22), korean)})
-                reply = " ".join(_sentence(rng, rng.randint(8, 20), korean) for _ in range(rng.randint(2, 4)))
+                msgs.append({"role": "user", "content": _sentence(rng, rng.randint(5, 18), korean)})
+                reply = " ".join(_sentence(rng, rng.randint(8, 18), korean) for _ in range(rng.randint(2, 3)))
                 msgs.append({"role": "assistant", "content": reply})
             f.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
     return path.stat().st_size
@@ -135,6 +135,7 @@ def main() -> int:
             print(f"  tokens={s['total_tokens']:,} trained={s['trained_tokens']:,} "
                   f"p50={s['length_p50']} max={s['length_max']} encoded examples kept={len(report.examples):,}")
         print(f"peak RSS: {peak_rss_mb():.0f} MB (before the run: {rss0:.0f} MB)")
+        print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
         target = wall < 15 and peak_rss_mb() < 1024
         print(f"target (< 15 s, < 1 GB): {'met' if target else 'NOT met'} (cores: {os.cpu_count()})")
     return 0

@@ -291,3 +291,63 @@ def test_encode_without_batch_backend_matches(tok):
     for x, y in zip(a, b):
         assert np.array_equal(x.input_ids, y.input_ids) and np.array_equal(x.labels, y.labels)
         assert x.truncated_by == y.truncated_by
+
+
+# ------------------------------------------------------------------ template check (no rendering per example)
+
+@pytest.mark.parametrize("template,verbatim", [
+    (None, True),                      # the tiny ChatML template
+    (QWEN_DEFAULT_SYSTEM, True),
+    (PLAIN, True),
+    ("{% set ms = messages[1:] %}{% for m in ms %}{{ m.role + ': ' + m.content }}{% endfor %}", True),
+    ("{% for m in messages %}{{ m['content'] ~ '\n' }}{% endfor %}{{ messages|length }}", True),
+    (LLAMA3, False),                   # |trim changes the content
+    (GEMMA, False),
+    (MISTRAL, False),                  # the system content goes through a variable
+    ("{{ messages | tojson }}", False),
+    ("{% for m in messages %}{% if m['content'] %}{{ m['content'] }}{% endif %}{% endfor %}", False),
+    ("{% for m in messages %}{{ m.get('content') }}{% endfor %}", False),
+    ("{% for m in messages %}{{ m['content'].strip() }}{% endfor %}", False),
+    ("{% for m in messages if m['content'] != 'x' %}{{ m['content'] }}{% endfor %}", False),
+    ("{% set ns = namespace(x=messages) %}{% for m in ns.x %}{{ m['content']|trim }}{% endfor %}", False),
+    ("{% for m in messages %}{% set m = 'x' %}{{ m }}{% endfor %}", False),
+    ("{% for m in messages %}{{ m[key] }}{% endfor %}", False),
+    ("{% macro f(message) %}{{ message['content']|upper }}{% endmacro %}{% for m in messages %}{{ f(m) }}{% endfor %}",
+     False),
+    ("{% for m in messages %", False),  # does not parse
+])
+def test_template_check(tok_folder, template, verbatim):
+    from finetune_desktop.data.template_check import copies_content_verbatim
+    source = template if template is not None else make_tok(tok_folder).chat_template
+    assert copies_content_verbatim(source) is verbatim
+
+
+def test_verbatim_mode_is_spot_checked(tok_folder, monkeypatch):
+    """If the check wrongly calls a template verbatim, the rendered spot check turns the shortcut off."""
+    import finetune_desktop.data.template_check as tc
+    t = make_tok(tok_folder, LLAMA3, "<|begin_of_text|>", "<|eot_id|>")
+    monkeypatch.setattr(tc, "copies_content_verbatim", lambda source: True)
+    f = SpanFinder(t)
+    assert f.verbatim
+    c = conv(("user", "  padded  "), ("assistant", "  also padded  "))
+    assert f(template_messages(c)) == spans_by_prefixes(t, template_messages(c))
+    assert not f.verbatim
+
+
+def test_template_check_accepts_an_injected_default_system_prompt(tok_folder):
+    """The training code prepends a constant system message when a conversation has none."""
+    from finetune_desktop.data.template_check import copies_content_verbatim
+    base = make_tok(tok_folder).chat_template
+    head = ("{%- set messages = messages if (messages and messages[0]['role'] == 'system') "
+            "else [{'role': 'system', 'content': \"Be a pirate.\"}] + messages %}")
+    assert copies_content_verbatim(head + base)
+    assert not copies_content_verbatim("{{ messages or '' }}" + base)   # prints the list itself
+    assert not copies_content_verbatim("{% set messages = messages if messages else 'x' %}" + base)
+    t = make_tok(tok_folder, head + base)
+    convs = random_convs(11, 40)
+    fast = encode_conversations(t, convs, 10_000)
+    ref = [e for e in (encode_conversation(t, c, 10_000) for c in convs) if e.num_trained_tokens > 0]
+    assert len(fast) == len(ref)
+    for a, b in zip(fast, ref):
+        assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels)
+    assert SpanFinder(t).verbatim

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from finetune_desktop.data import DataError, read_conversations, validate_file
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
@@ -96,3 +96,16 @@ def test_random_utf16_body(tmp_path, data):
     p.write_bytes(b"\xff\xfe" + data)
     r = validate_file(p)
     assert r.ok or r.errors
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=example)
+def test_fast_schema_path_agrees_with_full_check(value):
+    from finetune_desktop.data.schema import _fast_chat, check_json_example
+    fast = _fast_chat(value, 3)
+    full, problems = check_json_example(value, 3)
+    if fast is not None:
+        assert problems == [] and full == fast
+    floats = isinstance(value, dict) and any(isinstance(m.get("weight"), float) for m in value.get("messages", ()))
+    if full is not None and not problems and "messages" in value and not floats:
+        assert fast == full  # a clean chat example takes the fast path

@@ -260,3 +260,26 @@ def test_json_array_element_over_the_limit(tmp_path, monkeypatch):
     assert not r.ok
     assert r.errors[0].code == "line_too_long"
     assert r.errors[0].line == len(json.dumps(objs[0], indent=2).splitlines()) + 2  # where the big element starts
+
+
+def test_excel_unicode_text_utf16_tsv(tmp_path):
+    """Excel's "Unicode Text" export: UTF-16 LE with a BOM, tab separated, CRLF."""
+    text = "Question\tAnswer\r\n안녕?\t\"Hi, there\"\r\nBye\tSee you\r\n"
+    r = validate_file(write(tmp_path, "export.txt", b"\xff\xfe" + text.encode("utf-16-le")))
+    assert_ok(r, 2)
+    assert r.format == "tsv" and r.stats["encoding"] == "UTF-16"
+    assert r.conversations[0].messages[0].content == "안녕?"
+    assert r.conversations[1].line == 3
+
+
+def test_detection_of_broken_or_foreign_files(tmp_path):
+    good = json.dumps(chat())
+    # JSON Lines whose first line is broken: still JSON Lines, every line checked
+    r = validate_file(write(tmp_path, "a.txt", '{"messages": [\n' + good + "\n" + good + "\n"))
+    assert r.format == "jsonl" and [e.line for e in r.errors] == [1] and r.stats["examples"] == 2
+    # a file that merely starts with '[' (an INI/TOML file): one clear error, not one per line
+    r = validate_file(write(tmp_path, "setup.cfg", "[metadata]\nname = x\nversion = 1\n"))
+    assert [e.code for e in r.errors] == ["unknown_format"] and r.errors[0].line == 1
+    # a JSON object wrapping the examples
+    r = validate_file(write(tmp_path, "w.json", json.dumps({"data": [chat()]}, indent=2)))
+    assert r.errors[0].line == 1 and "top-level JSON array" in r.errors[0].message

@@ -138,26 +138,74 @@ def _make_plan(tok, msgs: Sequence[Message]) -> Optional[_Plan]:
 
 
 class SpanFinder:
-    """Renders conversations and finds trained spans; caches one _Plan per role pattern."""
+    """Renders conversations and finds trained spans; caches one _Plan per role pattern.
+
+    Three ways, fastest first:
+      * the template copies contents verbatim (template_check): the text is the plan's fixed text
+        with the contents in between, no rendering (every VERIFY_EVERY-th example is still rendered
+        and compared; a difference switches this way off);
+      * otherwise render once and, if the rendering is the plan's text with the contents in
+        between, take the spans from the plan;
+      * otherwise the reference: render the prefixes (spans_by_prefixes)."""
+
+    VERIFY_EVERY = 64
 
     def __init__(self, tok, fast: bool = True):
         self.tok = tok
         self.fast = fast
         self.plans: dict[tuple, Optional[_Plan]] = {}
+        self.verbatim = False
+        self._count = 0
+        if fast:
+            from .template_check import copies_content_verbatim
+            template = getattr(tok, "chat_template", None)
+            self.verbatim = isinstance(template, str) and copies_content_verbatim(template)
+
+    def _plan(self, msgs: Sequence[Message]) -> Optional[_Plan]:
+        key = tuple((m.role, m.name) for m in msgs)
+        plan = self.plans.get(key, 0)
+        if plan == 0:
+            plan = self.plans[key] = _make_plan(self.tok, msgs) if len(self.plans) < 4096 else None
+        return plan
 
     def __call__(self, msgs: Sequence[Message]) -> tuple[str, list[Span]]:
-        dicts = [m.as_template_dict() for m in msgs]
-        full = self.tok.apply_chat_template(dicts)
-        if self.fast:
-            key = tuple((m.role, m.name) for m in msgs)
-            plan = self.plans.get(key, 0)
-            if plan == 0:
-                plan = self.plans[key] = _make_plan(self.tok, msgs) if len(self.plans) < 4096 else None
-            if plan is not None:
-                spans = _spans_from_plan(plan, msgs, full)
-                if spans is not None:
-                    return full, spans
+        if not self.fast:
+            return spans_by_prefixes(self.tok, msgs)
+        plan = self._plan(msgs)
+        if self.verbatim and plan is not None:
+            text, spans = _assemble(plan, msgs)
+            self._count += 1
+            if self._count % self.VERIFY_EVERY != 1:
+                return text, spans
+            full = self.tok.apply_chat_template([m.as_template_dict() for m in msgs])
+            if full == text:
+                return text, spans
+            self.verbatim = False  # the check was wrong about this template: render from now on
+        else:
+            full = self.tok.apply_chat_template([m.as_template_dict() for m in msgs])
+        if plan is not None:
+            spans = _spans_from_plan(plan, msgs, full)
+            if spans is not None:
+                return full, spans
         return spans_by_prefixes(self.tok, msgs, full)
+
+
+def _assemble(plan: _Plan, msgs: Sequence[Message]) -> tuple[str, list[Span]]:
+    glue = plan.glue
+    parts = []
+    spans = []
+    p = 0
+    for i, m in enumerate(msgs):
+        g = glue[i]
+        c = m.content
+        parts.append(g)
+        parts.append(c)
+        p += len(g)
+        if m.role == "assistant" and m.weight:
+            spans.append((p, p + len(c), p + len(c) + len(plan.tails.get(i, ""))))
+        p += len(c)
+    parts.append(glue[-1])
+    return "".join(parts), spans
 
 
 def _spans_from_plan(plan: _Plan, msgs: Sequence[Message], full: str) -> Optional[list[Span]]:

@@ -109,6 +109,14 @@ def _first_lines(path, sniff: Sniff, n: int = 2) -> list[LineItem]:
     return out
 
 
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except (ValueError, RecursionError):
+        return False
+
+
 def detect_format(path, sniff: Sniff) -> Detected:
     ext = os.path.splitext(str(path))[1].lower()
     first = _first_lines(path, sniff)
@@ -134,16 +142,18 @@ def detect_format(path, sniff: Sniff) -> Detected:
             if isinstance(item, Record) or ext == ".json" or s == "[" or s == "{":
                 return Detected("json", ln)
             break
-        return Detected("jsonl", ln)
-    cols = sniff_csv_header(text)
-    if cols is not None:
-        return Detected("tsv" if cols.delimiter == "\t" else "csv", ln, csv=cols)
-    if ext in (".csv", ".tsv"):
-        d = "\t" if (ext == ".tsv" or "\t" in text) else ","
-        cols = csv_columns(_parse_header(text, d), d)
-        return Detected("tsv" if d == "\t" else "csv", ln, csv=cols)
-    if ext in (".jsonl", ".json", ".ndjson"):
-        return Detected("jsonl" if ext != ".json" else "json", ln)
+        if ext in (".jsonl", ".ndjson") or (len(first) > 1 and first[1][1] is not None and _parses(first[1][1])):
+            return Detected("jsonl", ln)  # JSON Lines whose first line is broken
+    else:
+        cols = sniff_csv_header(text)
+        if cols is not None:
+            return Detected("tsv" if cols.delimiter == "\t" else "csv", ln, csv=cols)
+        if ext in (".jsonl", ".json", ".ndjson"):
+            return Detected("jsonl" if ext != ".json" else "json", ln)
+        if ext in (".csv", ".tsv"):
+            d = "\t" if (ext == ".tsv" or "\t" in text) else ","
+            cols = csv_columns(_parse_header(text, d), d)
+            return Detected("tsv" if d == "\t" else "csv", ln, csv=cols)
     return Detected(None, ln, issue=Issue(
         ln, None, "unrecognised format: expected JSON Lines (one {\"messages\": [...]} object per line), "
                   "a JSON array, or a CSV/TSV file whose header names a prompt and a response column "

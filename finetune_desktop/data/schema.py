@@ -101,7 +101,8 @@ def _fast_chat(value: Any, line: int) -> Optional[Conversation]:
             return None
         role = m.get("role")
         content = m.get("content")
-        if role not in _ROLE_SET or type(content) is not str or not content or content.isspace():
+        if type(role) is not str or role not in _ROLE_SET or type(content) is not str or not content \
+                or content.isspace():
             return None
         weight, name = 1, None
         if len(m) != 2:
@@ -129,6 +130,11 @@ def conversation_from_json(value: Any, line: int) -> tuple[Optional[Conversation
     conv = _fast_chat(value, line)
     if conv is not None:
         return conv, []
+    return check_json_example(value, line)
+
+
+def check_json_example(value: Any, line: int) -> tuple[Optional[Conversation], list[Problem]]:
+    """The full check of one JSON example, naming every problem."""
     problems: list[Problem] = []
     err = lambda path, msg, code: problems.append((path, msg, "error", code))  # noqa: E731
     warn = lambda path, msg, code: problems.append((path, msg, "warning", code))  # noqa: E731
@@ -147,6 +153,9 @@ def conversation_from_json(value: Any, line: int) -> tuple[Optional[Conversation
         hint = ""
         if "conversations" in value:
             hint = " (this looks like the ShareGPT format; rename 'conversations' to 'messages', 'from' to 'role' and 'value' to 'content')"
+        elif len(value) == 1 and isinstance(next(iter(value.values())), list):
+            hint = (f" (if {next(iter(value))!r} holds the examples, save them as a top-level JSON array or as "
+                    f"JSON Lines)")
         err((), f"no \"messages\" list: expected {{\"messages\": [...]}} or {{\"prompt\": ..., \"completion\": ...}}; "
                 f"found keys {keys}{hint}", "no_messages")
         return None, problems

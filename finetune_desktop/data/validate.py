@@ -13,6 +13,8 @@ Report statistics (`report.stats`):
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import os
 from typing import Optional
@@ -33,9 +35,11 @@ SHORT_REPLY_CHARS = 4    # an assistant reply with fewer non-space characters: a
 HIST_BINS = 10
 
 
-def _unreadable(path: str, message: str) -> ValidationReport:
+def _unreadable(path: str, message: str, max_seq_len: int, batch_size: int, tokens_per_second) -> ValidationReport:
+    stats: dict = {"format": None, "encoding": None, "bytes": None}
+    _stats([], [], None, max_seq_len, batch_size, tokens_per_second, IssueCollector(), stats)
     return ValidationReport(path, None, False, [Issue(None, None, message, "error", "unreadable")], [],
-                            {"examples": 0}, readable=False)
+                            stats, readable=False)
 
 
 def validate_file(path, tokenizer=None, max_seq_len: int = 512, batch_size: int = 8,
@@ -45,26 +49,50 @@ def validate_file(path, tokenizer=None, max_seq_len: int = 512, batch_size: int 
     those encoded (truncated to max_seq_len; examples with nothing left to train are dropped).
     An unreadable path gives a report with readable=False; content problems are issues."""
     spath = os.fspath(path)
+    bad = (max_seq_len, batch_size, tokens_per_second)
     if not os.path.exists(spath):
-        return _unreadable(spath, f"{spath}: no such file")
+        return _unreadable(spath, f"{spath}: no such file", *bad)
     if os.path.isdir(spath):
-        return _unreadable(spath, f"{spath}: is a folder, not a file")
+        return _unreadable(spath, f"{spath}: is a folder, not a file", *bad)
     try:
         sniff = sniff_file(spath)
     except OSError as e:
-        return _unreadable(spath, f"{spath}: cannot be read ({e.strerror or e})")
+        return _unreadable(spath, f"{spath}: cannot be read ({e.strerror or e})", *bad)
 
+    with _gc_paused():
+        return _validate(spath, sniff, tokenizer, max_seq_len, batch_size, tokens_per_second)
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Reading creates millions of small objects and no cycles; the cyclic collector would scan
+    them again and again. Paused for the duration (reference counting still frees memory)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _validate(spath, sniff, tokenizer, max_seq_len, batch_size, tokens_per_second) -> ValidationReport:
     col = IssueCollector()
-    stats: dict = {"format": None, "encoding": sniff.label, "bytes": sniff.size, "examples": 0}
+    stats: dict = {"format": None, "encoding": sniff.label, "bytes": sniff.size}
+
+    def report(fmt, convs=(), examples=(), lengths=None) -> ValidationReport:
+        _stats(list(convs), list(examples), lengths, max_seq_len, batch_size, tokens_per_second, col, stats)
+        return _make_report(spath, fmt, col, stats, list(convs), list(examples))
+
     if sniff.fatal is not None:
         col.add(sniff.fatal)
-        return _make_report(spath, None, col, stats, [], [])
+        return report(None)
     try:
         det = detect_format(spath, sniff)
         stats["format"] = det.format
         if det.issue is not None:
             col.add(det.issue)
-            return _make_report(spath, det.format, col, stats, [], [])
+            return report(det.format)
         if tokenizer is not None and not getattr(tokenizer, "chat_template", True):
             col.warn(None, None, "the model's tokenizer has no chat template, so tokens are not counted", "no_template")
             tokenizer = None
@@ -80,12 +108,11 @@ def validate_file(path, tokenizer=None, max_seq_len: int = 512, batch_size: int 
                 encoder.close()
     except OSError as e:
         col.error(None, None, f"reading stopped: {e.strerror or e}", "unreadable")
-        return _make_report(spath, stats.get("format"), col, stats, [], [])
+        return report(stats.get("format"))
     if not convs and col.error_count == 0:
         col.error(det.first_line, None, "no examples found", "empty_file")
     _file_warnings(convs, col)
-    _stats(convs, examples, lengths, max_seq_len, batch_size, tokens_per_second, col, stats)
-    return _make_report(spath, det.format, col, stats, convs, examples)
+    return report(det.format, convs, examples, lengths)
 
 
 def _add_issue(col: IssueCollector, i: Issue) -> None:
@@ -135,7 +162,6 @@ def _read(path, sniff, det, col: IssueCollector, stats: dict, on_conv=None) -> l
     convs: list[Conversation] = []
     kinds = {"chat": 0, "prompt_completion": 0, "csv": 0}
     seen: dict[int, int] = {}
-    short = 0
     for item in items:
         if isinstance(item, Issue):
             col.add(item)
@@ -166,7 +192,6 @@ def _read(path, sniff, det, col: IssueCollector, stats: dict, on_conv=None) -> l
                      summary="duplicate examples")
         for i, m in enumerate(conv.messages):
             if m.role == "assistant" and m.weight and len(m.content.strip()) < SHORT_REPLY_CHARS:
-                short += 1
                 col.warn(conv.line, f"messages[{i}].content", f"very short assistant reply ({m.content.strip()!r}); "
                          f"the model learns to answer this briefly", "short_reply",
                          summary="examples with very short replies")

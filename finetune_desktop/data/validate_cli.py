@@ -36,6 +36,8 @@ def _load_tokenizer(spec: str):
     try:
         tok = Tokenizer.from_pretrained(folder)
     except Exception as e:  # noqa: BLE001 - ModelFormatError and friends
+        if spec == "base":
+            return None, f"the embedded model's tokenizer cannot be loaded ({e}), so tokens are not counted"
         raise ValueError(f"--base {spec}: {e}") from None
     if not tok.chat_template:
         return None, f"the tokenizer of {spec} has no chat template, so tokens are not counted"

@@ -44,6 +44,7 @@ class Tokenizer:
     def __init__(self, backend, config: dict | None = None, chat_template: str | None = None,
                  extra_eos_ids: Iterable[int] = ()):
         self._tok = backend
+        self.backend = backend  # the `tokenizers.Tokenizer` (batch encoding, offsets)
         self.config = dict(config or {})
         self.chat_template = chat_template
         self._template = None
