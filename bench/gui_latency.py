@@ -82,6 +82,10 @@ def main(argv=None) -> int:
         print("error: the data file did not validate", file=sys.stderr)
         return 1
     w.data_panel.epochs.setValue(3)
+    warm = time.perf_counter() + 2.0     # the window is shown and painted before a user presses Run
+    while time.perf_counter() < warm:
+        app.processEvents()
+        time.sleep(0.005)
 
     gaps: list[float] = []
     last = [time.perf_counter()]

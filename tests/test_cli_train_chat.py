@@ -131,6 +131,34 @@ def test_stop_with_ctrl_c_then_resume(setup):
     assert json.loads((out / "run.json").read_text())["final"]["steps"] == 63
 
 
+def test_a_killed_run_resumes_from_its_last_checkpoint(setup):
+    d, folder, data, _ = setup
+    out = d / "killed"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "finetune_desktop", "train", str(data), "--out", str(out), "--base",
+                             str(folder), "--epochs", "10", "--batch-size", "4"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env, cwd=str(ROOT))
+    try:
+        for line in proc.stdout:
+            if line.startswith("step") and line.split()[1].startswith("8/"):  # 3 steps an epoch: 2 checkpoints
+                break
+        proc.kill()  # SIGKILL: no chance to clean up
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "running"  # it never got to say otherwise
+    p = cli("train", data, "--out", out, "--resume")
+    no_traceback(p)
+    assert p.returncode == 0, p.stderr
+    assert "resuming at step" in p.stdout
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines() if "train_loss" in l]
+    assert steps == list(range(1, 31))
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
 def test_bad_input_gives_one_line_errors_and_no_traceback(setup, trained, tmp_path, capsys):
     from finetune_desktop.cli import main
 

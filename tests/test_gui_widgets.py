@@ -152,5 +152,7 @@ def test_phase_strip(qtbot):
     s.set_active("backward")
     s._tick()
     assert s._active == "backward"
-    assert "ffe9b3" in s.boxes["backward"][0].styleSheet()
-    assert "eaf4ec" in s.boxes["forward"][0].styleSheet()
+    from finetune_desktop.gui import phase_strip as ps
+    assert s.boxes["backward"][0].colour == ps._ACTIVE
+    assert s.boxes["forward"][0].colour == ps._DONE
+    assert s.boxes["update"][0].colour == ps._IDLE

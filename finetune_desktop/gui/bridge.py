@@ -244,3 +244,12 @@ def make_train_fn(data_path: str, run_dir: str, base_model: str, cfg_kwargs: dic
                        on_event=on_event, control=control)
 
     return run
+
+
+def make_resume_fn(run_dir: str, extra_epochs: int):
+    """A function (on_event, control) -> None that continues a run from its newest checkpoint,
+    adding extra_epochs (0 = just finish a stopped run)."""
+    def run(on_event, control):
+        from ..training.session import resume_training
+        resume_training(run_dir, extra_epochs=extra_epochs, on_event=on_event, control=control)
+    return run

@@ -18,6 +18,7 @@ class HistoryPanel(QWidget):
     overlayChanged = Signal(str, bool)
     exportModelRequested = Signal(str)
     exportAdapterRequested = Signal(str)
+    continueRequested = Signal(str)
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -46,12 +47,16 @@ class HistoryPanel(QWidget):
         self.open_button.setToolTip("Show this run's charts and chat with its model.")
         self.rename_button = QPushButton("Rename…")
         self.delete_button = QPushButton("Delete…")
+        self.continue_button = QPushButton("Continue…")
+        self.continue_button.setToolTip("Finish a stopped run, or train a finished run for more epochs, "
+                                        "from its last checkpoint.")
         self.export_model_button = QPushButton("Export model…")
         self.export_model_button.setToolTip("Save the tuned model as a Hugging Face folder (LoRA merged).")
         self.export_adapter_button = QPushButton("Export adapter…")
         self.export_adapter_button.setToolTip("Save only the LoRA adapter (PEFT format) to use on top of the base model.")
         for b, sig in ((self.open_button, self.openRequested), (self.rename_button, self.renameRequested),
                        (self.delete_button, self.deleteRequested),
+                       (self.continue_button, self.continueRequested),
                        (self.export_model_button, self.exportModelRequested),
                        (self.export_adapter_button, self.exportAdapterRequested)):
             b.clicked.connect(lambda _=False, s=sig: self._emit(s, self.table.currentRow()))
@@ -60,6 +65,7 @@ class HistoryPanel(QWidget):
         row1.addWidget(self.rename_button)
         row1.addWidget(self.delete_button)
         row2 = QHBoxLayout()
+        row2.addWidget(self.continue_button)
         row2.addWidget(self.export_model_button)
         row2.addWidget(self.export_adapter_button)
         lay = QVBoxLayout(self)
@@ -109,13 +115,14 @@ class HistoryPanel(QWidget):
         if not (0 <= r < len(self.runs)):
             self.details.setPlainText("Select a run to see its settings and results.")
             for b in (self.open_button, self.rename_button, self.delete_button, self.export_model_button,
-                      self.export_adapter_button):
+                      self.export_adapter_button, self.continue_button):
                 b.setEnabled(False)
             return
         info = self.runs[r]
         from pathlib import Path
         for b in (self.open_button, self.rename_button, self.delete_button):
             b.setEnabled(True)
+        self.continue_button.setEnabled(info.status != "running" and bool(bridge.checkpoints(info.path)))
         self.export_model_button.setEnabled(info.has_model)
         self.export_adapter_button.setEnabled((Path(info.path) / "adapter" / "adapter_config.json").exists())
         try:

@@ -36,7 +36,6 @@ class LossChart(pg.PlotWidget):
         pi.setLabel("bottom", "step")
         pi.setClipToView(True)
         pi.setDownsampling(auto=True, mode="peak")
-        pi.addLegend(offset=(-8, 8), labelTextSize="8pt", brush=(255, 255, 255, 210), pen=(200, 200, 200))
         self.raw_curve = pi.plot(pen=pg.mkPen(style.TRAIN_RAW, width=1), name="train loss")
         self.smooth_curve = pi.plot(pen=pg.mkPen(style.TRAIN_SMOOTH, width=2), name="train (smoothed)")
         self.valid_curve = pi.plot(pen=pg.mkPen(style.VALID, width=1.5, style=Qt.PenStyle.DashLine),
@@ -58,7 +57,6 @@ class LossChart(pg.PlotWidget):
         self.acc_curve.setClipToView(True)
         self.acc_curve.setDownsampling(auto=True, method="peak")
         self.acc_view.addItem(self.acc_curve)
-        pi.legend.addItem(self.acc_curve, "token accuracy")
         pi.vb.sigResized.connect(self._sync_views)
         self.cursor = pg.InfiniteLine(angle=90, movable=False, pen=pg.mkPen((90, 90, 90, 120), width=1))
         self.cursor.setVisible(False)
@@ -114,6 +112,7 @@ class LossPanel(QWidget):
         lp.setDownsampling(auto=True, mode="peak")
         lp.hideButtons()
         self.lr_curve = lp.plot(pen=pg.mkPen(style.LR, width=1.5))
+        style.cache_axes(self.chart.getPlotItem(), lp)
         self.readout = QLabel("Hover over the chart to read values.")
         self.readout.setObjectName("chartReadout")
         self.readout.setTextFormat(Qt.TextFormat.PlainText)
@@ -150,9 +149,14 @@ class LossPanel(QWidget):
         lay.setContentsMargins(0, 0, 0, 0)
         lay.setSpacing(2)
         lay.addLayout(top)
+        self.legend = QLabel()
+        self.legend.setObjectName("lossLegend")
+        self.legend.setWordWrap(True)
+        lay.addWidget(self.legend)
         lay.addWidget(self.chart, 1)
         lay.addWidget(self.lr_chart)
         lay.addWidget(self.readout)
+        self._update_legend()
 
         self.steps = Series(STEP_COLS)
         self.evals = Series(EVAL_COLS, capacity=64)
@@ -165,6 +169,17 @@ class LossPanel(QWidget):
         self.timer.timeout.connect(self._redraw)
         self.timer.start()
         self._hover = pg.SignalProxy(self.chart.scene().sigMouseMoved, rateLimit=30, slot=self._on_hover)
+
+    def _update_legend(self) -> None:
+        """A one-line legend above the chart (it never covers the curves)."""
+        parts = [(_hex(style.TRAIN_RAW), "━", "train loss"), (_hex(style.TRAIN_SMOOTH), "━", "smoothed"),
+                 (_hex(style.VALID), "●", "validation loss"), (_hex(style.ACCURACY), "━", "token accuracy (right)"),
+                 (_hex(style.LR), "━", "learning rate (below)")]
+        for name, item in self.chart.overlays.items():
+            parts.append((_hex(getattr(item, "colour", (100, 100, 100))), "┅", name))
+        import html
+        self.legend.setText("&nbsp;&nbsp;".join(f"<span style='color:{c}'>{sym}</span>&nbsp;{html.escape(t)}"
+                                                for c, sym, t in parts))
 
     # ------------------------------------------------------------------ data in
     def reset(self) -> None:
@@ -232,20 +247,18 @@ class LossPanel(QWidget):
         colour = style.OVERLAY[self._overlay_i % len(style.OVERLAY)]
         self._overlay_i += 1
         self.remove_overlay(name)
-        item = self.chart.getPlotItem().plot(x, ys, pen=pg.mkPen(colour, width=1.5, style=Qt.PenStyle.DashLine),
-                                             name=name)
+        item = self.chart.getPlotItem().plot(x, ys, pen=pg.mkPen(colour, width=1.5, style=Qt.PenStyle.DashLine))
+        item.colour = colour
         item.setClipToView(True)
         item.setDownsampling(auto=True, method="peak")
         self.chart.overlays[name] = item
+        self._update_legend()
 
     def remove_overlay(self, name: str) -> None:
         item = self.chart.overlays.pop(name, None)
         if item is not None:
             self.chart.getPlotItem().removeItem(item)
-            try:
-                self.chart.getPlotItem().legend.removeItem(item)
-            except Exception:  # noqa: BLE001
-                pass
+        self._update_legend()
 
     def clear_overlays(self) -> None:
         for name in list(self.chart.overlays):

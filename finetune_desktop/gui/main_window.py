@@ -112,6 +112,7 @@ class MainWindow(QMainWindow):
         self.history.overlayChanged.connect(self._overlay_changed)
         self.history.exportModelRequested.connect(lambda p: self.export_model(p, adapter=False))
         self.history.exportAdapterRequested.connect(lambda p: self.export_model(p, adapter=True))
+        self.history.continueRequested.connect(self.continue_run)
         self.left_tabs = QTabWidget()
         self.left_tabs.setObjectName("leftTabs")
         self.left_tabs.addTab(scroll, "Data && settings")
@@ -253,7 +254,7 @@ class MainWindow(QMainWindow):
         if ok:
             self.banner.setVisible(False)
             desc = bridge.describe_model_folder(path)
-            self.phase_strip.set_base(f"{Path(path).name} · {desc.split(' · ')[-1]}")
+            self.phase_strip.set_base("not random", f"Loaded from {Path(path).name}: {desc}")
             self.statusBar().showMessage(f"Base model: {path} ({desc})", 8000)
         else:
             embedded = Path(path) == Path(self.embedded_base)
@@ -264,7 +265,7 @@ class MainWindow(QMainWindow):
                 + "Choose a Hugging Face model folder (Llama, Qwen2 or Mistral family) with "
                   "File > Choose base model folder…, or pick a previous run as the base model.")
             self.banner.setVisible(True)
-            self.phase_strip.set_base("no base model", pretrained=False)
+            self.phase_strip.set_base("no base model", "", pretrained=False)
         self.chat.base_spec = path if ok else None
         self._fill_base_box()
         self.refresh_models()
@@ -404,10 +405,17 @@ class MainWindow(QMainWindow):
         self._validating = True
         self._update_run_enabled()
         w = FunctionWorker(bridge.validate_file, *args)
-        w.result.connect(lambda rep, pth=path: self._report_ready(pth, rep))
-        w.error.connect(lambda msg, pth=path: self._show_unreadable(pth, msg))
+        w.result.connect(self._async_report_ready)
+        w.error.connect(self._async_report_error)
         w.finished.connect(self._validation_done)
         self.pool.start(w, "validate")
+
+    def _async_report_ready(self, rep) -> None:
+        self._report_ready(str(rep.path), rep)
+
+    def _async_report_error(self, msg: str) -> None:
+        if self.data_path:
+            self._show_unreadable(self.data_path, msg)
 
     def _validation_done(self) -> None:
         self._validating = False
@@ -538,14 +546,48 @@ class MainWindow(QMainWindow):
             return
         self.clear_error()
         self._save_settings()
+        self.loss_panel.reset()
+        self.loss_panel.clear_overlays()
+        self._start_worker(fn, control, str(run_dir))
+
+    def continue_run(self, run_dir: str, extra_epochs: int | None = None) -> None:
+        """Resume a stopped run, or add epochs to a finished one, from its newest checkpoint."""
+        if self.is_training():
+            self.show_error("A run is in progress: wait for it to end (or stop it) first.")
+            return
+        try:
+            info = bridge.read_run_info(run_dir)
+        except Exception as e:  # noqa: BLE001
+            self.show_error(f"Cannot continue: {plain_error(e)}")
+            return
+        if extra_epochs is None:
+            finished = info.get("status") == "finished"
+            n, ok = QInputDialog.getInt(self, "Continue training",
+                                        "Epochs to add:" if finished else
+                                        "Epochs to add after finishing the planned ones (0 = just finish):",
+                                        1 if finished else 0, 0, 1000)
+            if not ok:
+                return
+            extra_epochs = n
+        try:
+            rows = bridge.load_metric_rows(run_dir)
+        except Exception:  # noqa: BLE001
+            rows = []
+        self.clear_error()
+        self.loss_panel.clear_overlays()
+        self.loss_panel.load_rows(sorted(rows, key=lambda r: (r.get("step") or 0)))
+        self._start_worker(bridge.make_resume_fn(run_dir, int(extra_epochs)), bridge.make_control(), run_dir,
+                           keep_chart=True)
+        self.left_tabs.setCurrentIndex(0)
+
+    def _start_worker(self, fn, control, run_dir: str, keep_chart: bool = False) -> None:
         self.run_dir = str(run_dir)
         self._opened_run = None
         self._ended = None
         self._run_total = 0
         self.control = control
         self._focus_matrix_changed()
-        self.loss_panel.reset()
-        self.loss_panel.clear_overlays()
+        self._keep_chart = keep_chart
         self.weights_view.reset()
         self.phase_strip.reset()
         w = TrainWorker(fn, control)
@@ -553,10 +595,10 @@ class MainWindow(QMainWindow):
         w.stepsReady.connect(self._on_steps)
         w.evalReady.connect(self.loss_panel.add_eval)
         w.snapshotReady.connect(self.weights_view.add_snapshot)
-        w.phaseReady.connect(lambda e: self.phase_strip.set_active(e.phase))
+        w.phaseReady.connect(self._on_phase)
         w.checkpointSaved.connect(self._on_checkpoint)
         w.runEnded.connect(self._on_run_ended)
-        w.error.connect(lambda msg: self.show_error(f"Training stopped: {msg}"))
+        w.error.connect(self._on_train_error)
         w.finished.connect(self._on_training_thread_done)
         self.train_worker = w
         self.pool.start(w, "train")
@@ -589,6 +631,13 @@ class MainWindow(QMainWindow):
             self.statusBar().showMessage("Stopping after the current step…")
 
     def _on_run_started(self, e) -> None:
+        if e.resumed_from_step and getattr(self, "_keep_chart", False):
+            # the loop truncates metrics.jsonl to the checkpoint: show the same on the chart
+            try:
+                rows = [r for r in bridge.load_metric_rows(e.run_dir) if (r.get("step") or 0) <= e.resumed_from_step]
+                self.loss_panel.load_rows(sorted(rows, key=lambda r: (r.get("step") or 0)))
+            except Exception:  # noqa: BLE001
+                pass
         self._run_total = max(1, e.total_steps)
         self.run_dir = e.run_dir or self.run_dir
         self.data_panel.progress.setRange(0, self._run_total)
@@ -615,6 +664,14 @@ class MainWindow(QMainWindow):
             f"step {m.step}/{total} · epoch {m.epoch:.2f} · loss {m.train_loss:.4f} · "
             f"{m.tokens_per_s:,.0f} tokens/s · ETA {human_duration(m.eta_s)}{paused}")
         self._last_speed = m.tokens_per_s
+
+    # slots for worker signals are bound methods of this (GUI-thread) object, so Qt queues them
+    # onto the GUI thread
+    def _on_phase(self, e) -> None:
+        self.phase_strip.set_active(e.phase)
+
+    def _on_train_error(self, msg: str) -> None:
+        self.show_error(f"Training stopped: {msg}")
 
     def _on_checkpoint(self, e) -> None:
         self.statusBar().showMessage(f"Checkpoint saved at step {e.step}.", 5000)
@@ -789,9 +846,15 @@ class MainWindow(QMainWindow):
                 return
             dest = str(Path(parent) / f"{Path(run_dir).name}-{'adapter' if adapter else 'model'}")
         w = FunctionWorker(bridge.copy_folder, str(src), dest)
-        w.result.connect(lambda p: self.statusBar().showMessage(f"Exported to {p}", 10000))
-        w.error.connect(lambda msg: self.show_error(f"Export failed: {msg}"))
+        w.result.connect(self._exported)
+        w.error.connect(self._export_failed)
         self.pool.start(w, "export")
+
+    def _exported(self, path) -> None:
+        self.statusBar().showMessage(f"Exported to {path}", 10000)
+
+    def _export_failed(self, msg: str) -> None:
+        self.show_error(f"Export failed: {msg}")
 
     # ================================================================== settings and closing
     def _restore_settings(self) -> None:

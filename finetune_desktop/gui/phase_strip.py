@@ -5,20 +5,23 @@ from __future__ import annotations
 import time
 
 from PySide6.QtCore import Qt, QTimer
+from PySide6.QtGui import QColor, QPalette
 from PySide6.QtWidgets import QFrame, QHBoxLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
 PHASES = [
-    ("weights", "Pre-trained weights", "The model starts from the weights it learned in pre-training "
-                                       "(not random numbers). Fine-tuning only nudges them."),
+    ("weights", "Pre-trained", "The model starts from the weights it learned in pre-training "
+                               "(not random numbers). Fine-tuning only nudges them."),
     ("forward", "Forward", "The model reads a batch of your examples and predicts every next token."),
     ("loss", "Loss", "How wrong the predictions were, measured on the answer tokens only."),
-    ("backward", "Backpropagation", "Works out, for every trainable weight, which direction lowers the loss."),
+    ("backward", "Backprop", "Backpropagation: works out, for every trainable weight, which direction lowers the loss."),
     ("update", "Update", "The optimizer (AdamW) moves the weights a small step in that direction."),
 ]
 
-_IDLE = "QFrame#phaseBox { background: #f3f5f8; border: 1px solid #d4d8de; border-radius: 6px; }"
-_DONE = "QFrame#phaseBox { background: #eaf4ec; border: 1px solid #9cc9a6; border-radius: 6px; }"
-_ACTIVE = "QFrame#phaseBox { background: #ffe9b3; border: 2px solid #e0a500; border-radius: 6px; }"
+# background colours of a box: idle, done this step, running now (set through the palette: cheap
+# enough to change several times per second, unlike a style sheet)
+_IDLE = "#f3f5f8"
+_DONE = "#eaf4ec"
+_ACTIVE = "#ffe9b3"
 
 
 class PhaseStrip(QWidget):
@@ -38,7 +41,9 @@ class PhaseStrip(QWidget):
             box = QFrame()
             box.setObjectName("phaseBox")
             box.setToolTip(tip)
-            box.setStyleSheet(_IDLE)
+            box.setFrameShape(QFrame.Shape.StyledPanel)
+            box.setAutoFillBackground(True)
+            _paint(box, _IDLE)
             box.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
             v = QVBoxLayout(box)
             v.setContentsMargins(6, 3, 6, 3)
@@ -64,17 +69,17 @@ class PhaseStrip(QWidget):
         self.timer.timeout.connect(self._tick)
         self.timer.start()
 
-    def set_base(self, description: str, pretrained: bool = True) -> None:
+    def set_base(self, short: str, description: str = "", pretrained: bool = True) -> None:
         box, t, ms = self.boxes["weights"]
-        ms.setText(description)
-        box.setToolTip(PHASES[0][2] + "\n\n" + description)
+        ms.setText(short)
+        box.setToolTip(PHASES[0][2] + ("\n\n" + description if description else ""))
         box = self.boxes["weights"][0]
-        box.setStyleSheet(_DONE if pretrained else _IDLE)
+        _paint(box, _DONE if pretrained else _IDLE)
 
     def reset(self) -> None:
         for key, (box, _, ms) in self.boxes.items():
             if key != "weights":
-                box.setStyleSheet(_IDLE)
+                _paint(box, _IDLE)
                 ms.setText("–")
         self._active = None
 
@@ -100,15 +105,24 @@ class PhaseStrip(QWidget):
             if key == "weights":
                 continue
             if phase is None:
-                box.setStyleSheet(_IDLE)
+                _paint(box, _IDLE)
             elif key == phase:
-                box.setStyleSheet(_ACTIVE)
+                _paint(box, _ACTIVE)
             elif phase in order and order.index(key) < order.index(phase):
-                box.setStyleSheet(_DONE)
+                _paint(box, _DONE)
             else:
-                box.setStyleSheet(_IDLE)
+                _paint(box, _IDLE)
         self._active = phase
         self._active_since = time.monotonic()
+
+
+def _paint(box: QFrame, colour: str) -> None:
+    if getattr(box, "colour", None) == colour:
+        return
+    box.colour = colour
+    pal = box.palette()
+    pal.setColor(QPalette.ColorRole.Window, QColor(colour))
+    box.setPalette(pal)
 
 
 def _ms(v: float) -> str:

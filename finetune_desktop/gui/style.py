@@ -76,5 +76,18 @@ QGroupBox::title { subcontrol-origin: margin; left: 8px; padding: 0 4px; color: 
 #errorBanner { background: #fde7e5; border: 1px solid #e0908a; border-radius: 4px; padding: 6px; color: #7a1f17; }
 #runButton { font-weight: 600; padding: 6px 14px; }
 #estimateLabel, #progressLabel { color: #44515f; }
-QPushButton#phaseBox { text-align: center; }
 """
+
+
+def cache_axes(*plot_items) -> None:
+    """Let Qt keep each axis as a pixmap and repaint it only when it changes. pyqtgraph replays
+    the axis' recorded text drawing on every repaint of anything next to it (a few ms per axis),
+    which is most of the GUI thread's time while charts update live."""
+    from PySide6.QtWidgets import QGraphicsItem
+    for pi in plot_items:
+        axes = getattr(pi, "axes", None)
+        items = [a["item"] for a in axes.values()] if isinstance(axes, dict) else []
+        if hasattr(pi, "titleLabel"):
+            items.append(pi.titleLabel)
+        for it in items:
+            it.setCacheMode(QGraphicsItem.CacheMode.DeviceCoordinateCache)

@@ -61,11 +61,12 @@ class WeightsView(QWidget):
         self._names: list[str] = []
         self.grad = Series(("step", "grad_norm"))
         self._grad_dirty = False
+        self._stages: list = []
         self._build()
         self.timer = QTimer(self)
         self.timer.setInterval(100)
         self.timer.timeout.connect(self._tick)
-        self.timer.start()
+        QTimer.singleShot(50, self.timer.start)   # out of phase with the loss chart's redraws
 
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:
@@ -107,6 +108,7 @@ class WeightsView(QWidget):
         self.glw.setBackground("w")
         self.glw.setObjectName("weightsGraphics")
         self.glw.ci.setSpacing(4)
+        self.glw.ci.layout.setHorizontalSpacing(14)
         # heatmap
         self.heat_plot = self.glw.addPlot(row=0, col=0, rowspan=2, title="")
         self.heat_plot.setTitle("change since start", size="8pt")
@@ -156,6 +158,9 @@ class WeightsView(QWidget):
             p.setMinimumWidth(90)
             p.setPreferredWidth(150)
         self.heat_plot.setMinimumWidth(140)
+        style.cache_axes(self.heat_plot, self.bias_plot, self.hist_plot, self.bar_plot, self.grad_plot)
+        if hasattr(self.colorbar, "axis"):
+            self.colorbar.axis.setCacheMode(self.colorbar.axis.CacheMode.DeviceCoordinateCache)
         self.glw.ci.layout.setColumnStretchFactor(0, 4)
         self.glw.ci.layout.setColumnStretchFactor(2, 2)
         self.glw.ci.layout.setColumnStretchFactor(3, 2)
@@ -268,32 +273,64 @@ class WeightsView(QWidget):
         return (None if mat is None else np.asarray(mat, dtype=np.float32)), (mode, name)
 
     def _tick(self) -> None:
-        if self._grad_dirty and self.isVisible():
+        """At most one piece of the view per tick (heatmap / histogram+bias / bars+gradient), so a
+        new snapshot is drawn over three short event-loop turns instead of one long one."""
+        if not self.isVisible():
+            return
+        if self._pending:
+            self._pending = False
+            self._stages = [self._draw_heat, self._draw_hist_and_bias, self._draw_bars]
+        if self._stages:
+            self._stages.pop(0)()
+            if not self._stages and self.latest is not None:
+                self.snapshotDrawn.emit(self.latest.step)
+            return
+        if self._grad_dirty:
             self._grad_dirty = False
             self.grad_curve.setData(self.grad.view("step"), self.grad.view("grad_norm"), connect="finite")
-        if self._pending and self.isVisible():
-            self._draw()
 
     def _draw(self) -> None:
+        """Everything at once (Rescale, a changed selection in tests)."""
         self._pending = False
+        self._stages = []
+        if self.latest is None:
+            return
+        self._draw_heat()
+        self._draw_hist_and_bias()
+        self._draw_bars()
+        self.snapshotDrawn.emit(self.latest.step)
+
+    def _draw_heat(self) -> None:
         snap = self.latest
+        mat, key = self._current_matrix()
+        if snap is None or mat is None or mat.ndim != 2 or not mat.size:
+            return
+        mode, name = key
+        level = self._levels.get(key)
+        peak = float(np.max(np.abs(mat)))
+        if level is None or level <= 0:
+            # first sight of this matrix: leave headroom so growth stays visible (LoRA starts at 0)
+            level = (peak * (2.0 if mode == "delta" else 1.0)) if peak > 0 else 0.0
+            if level > 0:
+                self._levels[key] = level
+        shown = level if level > 0 else 1e-6
+        self.image.setImage(mat, levels=(-shown, shown), autoLevels=False)
+        if self.colorbar.levels() != (-shown, shown):
+            self.colorbar.setLevels((-shown, shown))
+        title = ("change since start" if mode == "delta" else "current values") + f" · {mat.shape[0]}×{mat.shape[1]}"
+        if title != getattr(self, "_heat_title", None):
+            self._heat_title = title
+            self.heat_plot.setTitle(title, size="8pt")
+        self.info.setText(f"step {snap.step}: {name}  ·  largest change {peak:.3g}" if mode == "delta"
+                          else f"step {snap.step}: {name}  ·  largest value {peak:.3g}")
+
+    def _draw_hist_and_bias(self) -> None:
+        snap = self.latest
+        mat, key = self._current_matrix()
         if snap is None:
             return
-        mat, key = self._current_matrix()
-        if mat is not None and mat.ndim == 2 and mat.size:
-            mode, name = key
-            level = self._levels.get(key)
-            peak = float(np.max(np.abs(mat)))
-            if level is None or level <= 0:
-                # first sight of this matrix: leave headroom so growth stays visible (LoRA starts at 0)
-                level = (peak * (2.0 if mode == "delta" else 1.0)) if peak > 0 else 0.0
-                if level > 0:
-                    self._levels[key] = level
-            shown = level if level > 0 else 1e-6
-            self.image.setImage(mat, levels=(-shown, shown), autoLevels=False)
-            self.colorbar.setLevels((-shown, shown))
-            self.heat_plot.setTitle(("change since start" if mode == "delta" else "current values")
-                                    + f" · {mat.shape[0]}×{mat.shape[1]}", size="8pt")
+        if mat is not None and mat.size:
+            name = key[1]
             counts, edges = snap.histogram if (snap.histogram is not None and name == self.focus_name) \
                 else (np.zeros(0), np.zeros(0))
             if len(counts) == 0 or len(edges) != len(counts) + 1:
@@ -304,17 +341,22 @@ class WeightsView(QWidget):
                     lo, hi = lo - 1e-6, hi + 1e-6
                 counts, edges = np.histogram(vals, bins=40, range=(lo, hi))
             self.hist_curve.setData(np.asarray(edges, float), np.asarray(counts, float))
-            self.info.setText(f"step {snap.step}: {name}  ·  largest change {peak:.3g}" if mode == "delta"
-                              else f"step {snap.step}: {name}  ·  largest value {peak:.3g}")
         self._draw_bias()
-        rel = snap.relative_update or {}
+
+    def _draw_bars(self) -> None:
+        snap = self.latest
+        rel = (snap.relative_update or {}) if snap is not None else {}
         if rel:
             labels = sorted(rel, key=_layer_key)
             self.bars.setOpts(x=np.arange(len(labels)), height=[float(rel[k]) for k in labels], width=0.7)
-            ax = self.bar_plot.getAxis("bottom")
-            step = max(1, len(labels) // 8)
-            ax.setTicks([[(i, re.sub(r"\D", "", k) or k) for i, k in enumerate(labels) if i % step == 0]])
-        self.snapshotDrawn.emit(snap.step)
+            if labels != getattr(self, "_bar_labels", None):
+                self._bar_labels = labels
+                step = max(1, len(labels) // 8)
+                self.bar_plot.getAxis("bottom").setTicks(
+                    [[(i, re.sub(r"\D", "", k) or k) for i, k in enumerate(labels) if i % step == 0]])
+        if self._grad_dirty:
+            self._grad_dirty = False
+            self.grad_curve.setData(self.grad.view("step"), self.grad.view("grad_norm"), connect="finite")
 
     def _draw_bias(self) -> None:
         snap = self.latest
@@ -344,8 +386,11 @@ class WeightsView(QWidget):
         self.bias_now.setData(x, now)
         moved = float(np.max(np.abs(now - start))) if len(now) else 0.0
         self.bias_note.setText("")
-        frozen = " (frozen: LoRA)" if moved == 0 and snap.step else ""
-        self.bias_plot.setTitle(f"bias {split_name(name)[1]} now vs start{frozen}", size="8pt")
+        frozen = moved == 0 and snap.step
+        title = f"bias {split_name(name)[1]}" + (" (frozen)" if frozen else ": now vs start")
+        if title != getattr(self, "_bias_title", None):
+            self._bias_title = title
+            self.bias_plot.setTitle(title, size="8pt")
         self.bias_plot.setToolTip("Grey: the pre-trained bias values. Red: the values now. With LoRA the "
                                   "original weights and biases stay frozen; the change lives in the adapters.")
 

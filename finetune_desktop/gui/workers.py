@@ -11,6 +11,7 @@ sending them across threads is safe. Cancellation is a flag (TrainControl / thre
 checked between steps or tokens."""
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import traceback
@@ -21,10 +22,12 @@ from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
 FLUSH_INTERVAL_S = 0.1  # <= 10 UI updates per second
 
 
-class ThreadPool:
-    """Keeps every (thread, worker) pair alive until its thread has finished, and joins them all."""
+class ThreadPool(QObject):
+    """Keeps every (thread, worker) pair alive until its thread has finished, and joins them all.
+    Lives on the GUI thread, so `_thread_finished` runs there (a queued call)."""
 
-    def __init__(self):
+    def __init__(self, parent=None):
+        super().__init__(parent)
         self._pairs: list[tuple[QThread, QObject]] = []
 
     def start(self, worker: QObject, name: str = "worker") -> QThread:
@@ -38,15 +41,14 @@ class ThreadPool:
         thread.finished.connect(thread.deleteLater)
         pair = (thread, worker)
         self._pairs.append(pair)
-        thread.finished.connect(lambda p=pair: self._forget(p))
+        thread.finished.connect(self._thread_finished)
         thread.start()
         return thread
 
-    def _forget(self, pair) -> None:
-        try:
-            self._pairs.remove(pair)
-        except ValueError:
-            pass
+    @Slot()
+    def _thread_finished(self) -> None:
+        t = self.sender()
+        self._pairs = [p for p in self._pairs if p[0] is not t]
 
     def running(self) -> list[QThread]:
         out = []
@@ -78,6 +80,33 @@ class ThreadPool:
             except RuntimeError:
                 pass
         return ok
+
+
+def lower_current_thread_priority(nice: int | None = None) -> None:
+    """Let the GUI thread win the CPU over this worker (training / generation). On Linux a thread
+    has its own nice value (and threads it starts inherit it); elsewhere QThread's priority works.
+    FINETUNE_DESKTOP_WORKER_NICE sets the value (default 5; 0 = leave the priority alone)."""
+    import os
+    if nice is None:
+        try:
+            nice = int(os.environ.get("FINETUNE_DESKTOP_WORKER_NICE", "5"))
+        except ValueError:
+            nice = 5
+    if nice <= 0:
+        return
+    try:
+        if hasattr(os, "setpriority") and sys.platform.startswith("linux"):
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
+            return
+    except OSError:
+        pass
+    t = QThread.currentThread()
+    if t is not None:
+        try:
+            t.setPriority(QThread.Priority.LowPriority)
+        except RuntimeError:
+            pass
 
 
 def plain_error(exc: BaseException) -> str:
@@ -150,6 +179,7 @@ class TrainWorker(QObject):
     @Slot()
     def run(self) -> None:
         from ..training import events as ev
+        lower_current_thread_priority()
         try:
             self.start_fn(self._on_event, self.control)
         except BaseException as e:  # noqa: BLE001
@@ -244,6 +274,7 @@ class GenerateWorker(QObject):
 
     @Slot()
     def run(self) -> None:
+        lower_current_thread_priority()
         try:
             for job in self.jobs:
                 if self._stop.is_set():

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..cli import CliError
 from .config import TrainConfig
 from .control import TrainControl
-from .events import EvalMetrics, RunFailed, RunStarted, StepMetrics
+from .events import EvalMetrics, RunStarted, StepMetrics
 
 
 def config_from_args(args) -> TrainConfig:

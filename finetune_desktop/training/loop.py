@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..engine import ops
+from ..engine.checkpoint import read_safetensors, write_safetensors
 from ..engine.optim import AdamWConfig, adamw_init, adamw_step, clip_grads, lr_at
 from .auto import Hyperparameters
 from .config import TrainConfig
@@ -40,7 +41,7 @@ from .events import (CheckpointSaved, EvalMetrics, PhaseEvent, PhaseTimes, RunFa
                      RunStopped, StepMetrics)
 from .memory import available_memory_bytes, estimate_peak_memory
 from .runs import (MetricsWriter, latest_checkpoint, load_checkpoint, now_iso, read_run_json, save_checkpoint,
-                   truncate_metrics, update_run_json)
+                   truncate_metrics, update_run_json, write_run_json)
 from .snapshots import SnapshotMaker
 from .threads import blas_threads
 
@@ -223,7 +224,6 @@ def _train(model, train_examples, valid_examples, config, hyper, run_dir, on_eve
                 total_steps = segs[-1]["start"] + segs[-1]["steps"]
                 epochs = max(1, math.ceil(total_steps / S))
             if config.restore_best and (cp / "best.safetensors").exists():
-                from ..engine.checkpoint import read_safetensors
                 best_params = read_safetensors(cp / "best.safetensors")
             ckpt_path = str(cp)
             truncate_metrics(run_dir, step)
@@ -250,7 +250,6 @@ def _train(model, train_examples, valid_examples, config, hyper, run_dir, on_eve
             return ckpt_path
         cp = save_checkpoint(run_dir, step, P, opt, state_dict(step / S), keep=options.keep_checkpoints)
         if best_params is not None:
-            from ..engine.checkpoint import write_safetensors
             write_safetensors(cp / "best.safetensors", best_params)
         ckpt_path = str(cp)
         update_run_json(run_dir, step=step, checkpoint=str(cp.relative_to(run_dir)), elapsed_s=elapsed())
@@ -299,7 +298,6 @@ def _train(model, train_examples, valid_examples, config, hyper, run_dir, on_eve
         info.pop("failure", None)
         if resume:
             info.setdefault("resumed", []).append({"from_step": resumed_from, "at": now_iso()})
-        from .runs import write_run_json
         write_run_json(run_dir, info)
         emit(RunStarted(run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=S, epochs=epochs,
                         batch_size=hyper.batch_size, learning_rate=hyper.learning_rate,
