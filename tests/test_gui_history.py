@@ -105,3 +105,17 @@ def test_previous_run_as_base_model(window, earlier_run):
     assert w.base_model_path == str(earlier_run / "model")
     assert w.base_ok()
     assert not w.banner.isVisible()
+
+
+def test_continue_a_finished_run_for_one_more_epoch(window, qtbot, earlier_run):
+    w = window
+    before = json.loads((earlier_run / "run.json").read_text())["hyper"]["total_steps"]
+    with qtbot.waitSignal(w.trainingFinished, timeout=60_000) as done:
+        w.continue_run(str(earlier_run), extra_epochs=1)
+    assert done.args[0] == str(earlier_run)
+    qtbot.waitUntil(lambda: not w.running_threads(), timeout=10_000)
+    info = json.loads((earlier_run / "run.json").read_text())
+    assert info["status"] == "finished"
+    assert info["hyper"]["total_steps"] > before
+    steps = w.loss_panel.steps.view("step")
+    assert steps[0] == 1 and steps[-1] == info["hyper"]["total_steps"]   # old and new steps on one chart

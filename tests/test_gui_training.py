@@ -134,9 +134,9 @@ def test_pause_resume_and_stop_mid_run(window, qtbot):
     # pause: the button becomes Resume and the step count stops moving
     qtbot.mouseClick(w.pause_button, Qt.MouseButton.LeftButton)
     assert w.pause_button.text() == "Resume"
-    qtbot.wait(400)
+    qtbot.wait(1000)                       # the step in flight finishes and is reported
     held = w.progress_bar.value()
-    qtbot.wait(400)
+    qtbot.wait(600)
     assert w.progress_bar.value() == held
     assert w.chat.send_button.isEnabled()   # chatting is allowed while paused
     qtbot.mouseClick(w.pause_button, Qt.MouseButton.LeftButton)

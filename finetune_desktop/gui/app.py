@@ -24,7 +24,6 @@ def run_app(data_path_or_None=None) -> int:
     Returns the exit code. Errors inside the app are shown in the window, never as a traceback."""
     app = make_application()
     from .main_window import MainWindow
-    from .workers import _log_exception
 
     win = MainWindow()
 
@@ -48,7 +47,6 @@ def run_app(data_path_or_None=None) -> int:
             pass
 
     sys.excepthook = hook
-    _ = _log_exception
     win.show()
     if data_path_or_None:
         win.load_data_file(str(data_path_or_None))

@@ -138,7 +138,17 @@ def run_title(run_dir) -> str:
             return t.strip()
     except (OSError, ValueError):
         pass
-    return Path(run_dir).name
+    return short_run_name(Path(run_dir).name)
+
+
+def short_run_name(folder_name: str) -> str:
+    """'2026-11-27_075353_pirate_captain' -> 'pirate_captain (11-27 07:53)'; other names unchanged."""
+    import re
+    m = re.match(r"^\d{4}-(\d{2})-(\d{2})_(\d{2})(\d{2})\d{2}_(.+)$", folder_name)
+    if not m:
+        return folder_name
+    mo, d, h, mi, stem = m.groups()
+    return f"{stem} ({mo}-{d} {h}:{mi})"
 
 
 def set_run_title(run_dir, title: str) -> None:

@@ -131,13 +131,19 @@ class HistoryPanel(QWidget):
             d = {}
         s = d.get("settings") or {}
         hyper = d.get("hyper") or {}
+        lr = hyper.get("learning_rate", s.get("learning_rate"))
+        try:
+            lr = f"{float(lr):.2e}"
+        except (TypeError, ValueError):
+            pass
         lines = [f"<b>{bridge.run_title(info.path)}</b> — {STATUS_TEXT.get(info.status, info.status)}",
+                 f"folder: {info.path}",
                  f"created {info.created[:19].replace('T', ' ')}",
                  f"data: {info.data_path}", f"base model: {info.base_model}",
                  f"method: {s.get('method', '?')}"
                  + (f" (rank {s.get('lora_rank')}, alpha {s.get('lora_alpha')})" if s.get("method") == "lora" else ""),
                  f"epochs {hyper.get('epochs', s.get('epochs'))} · batch {hyper.get('batch_size', s.get('batch_size'))}"
-                 f" · LR {hyper.get('learning_rate', s.get('learning_rate'))} · {s.get('schedule', '')}",
+                 f" · LR {lr} · {s.get('schedule', '')}",
                  f"steps {info.steps}/{info.total_steps or '?'} · final train loss {_f(info.final_train_loss)}"
                  f" · valid loss {_f(info.final_valid_loss)}"]
         if info.reason:

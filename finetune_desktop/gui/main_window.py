@@ -6,7 +6,6 @@ QThreads (workers.py), and everything from data/ and training/ goes through brid
 from __future__ import annotations
 
 import itertools
-import math
 import os
 from pathlib import Path
 
@@ -688,7 +687,6 @@ class MainWindow(QMainWindow):
         self.data_panel.set_running(False)
         self.phase_strip.set_active(None)
         self.loss_panel._redraw()
-        run_dir = self.run_dir
         if getattr(self, "_last_speed", 0) and self.base_model_path:
             self.qsettings.setValue(f"speed/{self.base_model_path}", float(self._last_speed))
         self.refresh_runs()
@@ -723,7 +721,6 @@ class MainWindow(QMainWindow):
             if not self.error_banner.isVisible():
                 self.show_error("Training ended without finishing.")
         self._update_run_enabled()
-        _ = run_dir
 
     def _focus_matrix_changed(self) -> None:
         if self.control is not None:
@@ -938,5 +935,3 @@ def _action(parent, text, slot, shortcut=None) -> QAction:
     a.triggered.connect(lambda _=False: slot())
     return a
 
-
-_ = math

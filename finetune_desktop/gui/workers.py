@@ -178,7 +178,6 @@ class TrainWorker(QObject):
 
     @Slot()
     def run(self) -> None:
-        from ..training import events as ev
         lower_current_thread_priority()
         try:
             self.start_fn(self._on_event, self.control)
@@ -190,10 +189,7 @@ class TrainWorker(QObject):
         else:
             self._flush(force=True)
         finally:
-            if self.ended is None and self.control.stop_requested:
-                pass
             self.finished.emit()
-        _ = ev
 
     # called on the training thread
     def _on_event(self, e) -> None:
