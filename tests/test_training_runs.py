@@ -101,6 +101,12 @@ def test_auto_epochs_rule():
     assert auto.auto_epochs(120) == max(3, -(-auto.MIN_EXAMPLE_PASSES // 120))
     assert auto.auto_epochs(1000) == 3
     assert auto.auto_epochs(20000) == 1
+    # extra passes for small sets only while the run stays short
+    assert auto.auto_epochs(100, tokens_per_epoch=9_000) == 4
+    assert auto.auto_epochs(100, tokens_per_epoch=40_000) == 3
+    assert auto.auto_epochs(10, tokens_per_epoch=1_000) == auto.MAX_EPOCHS
+    assert auto.auto_epochs(10, tokens_per_epoch=6_000) == auto.SMALL_SET_TOKEN_BUDGET // 6_000
+    assert auto.resolve(TrainConfig(), 100, 80, train_tokens=40_000).epochs == 3
     for n in (1, 5, 50, 130, 500, 5000, 100000):
         e = auto.auto_epochs(n)
         assert 1 <= e <= auto.MAX_EPOCHS
@@ -173,3 +179,43 @@ def test_a_killed_run_reads_as_stopped(folder, tmp_path):
     assert r.status == "stopped" and "last checkpoint" in r.reason
     update_run_json(run, pid=os.getpid())  # this process: really running
     assert load_run(run).status == "running"
+
+
+def test_session_start_and_resume_in_process(folder, tmp_path, monkeypatch):
+    """What the app calls: start_training / resume_training from files, on this thread."""
+    from pathlib import Path
+
+    from test_training_helpers import conversations, write_jsonl
+
+    from finetune_desktop.data import DataError
+    from finetune_desktop.training import resume_training, start_training
+    from finetune_desktop.training.events import RunFinished, RunStarted
+    from finetune_desktop.training.session import TrainingSetupError
+
+    monkeypatch.setenv("FINETUNE_DESKTOP_HOME", str(tmp_path / "home"))
+    data = write_jsonl(tmp_path / "d.jsonl", conversations(12))
+    cfg = TrainConfig(epochs=1, batch_size=4, val_split=0.25)
+    events = []
+    res = start_training(data, config=cfg, base=str(folder), on_event=events.append)
+    assert res.status == "finished" and Path(res.run_dir).parent == runs_home()
+    started = events[0]
+    assert isinstance(started, RunStarted) and started.num_train_examples == 9 and started.num_valid_examples == 3
+    assert isinstance(events[-1], RunFinished) and res.final_valid_loss is not None
+    with pytest.raises(TrainingSetupError, match="already finished"):
+        resume_training(res.run_dir)
+    events2 = []
+    res2 = resume_training(res.run_dir, extra_epochs=2, on_event=events2.append)
+    assert res2.status == "finished" and res2.step == 3 * res.step
+    assert events2[0].resumed_from_step == res.step and events2[0].epochs == 3
+    assert list_runs()[0].steps == res2.step
+    with pytest.raises(DataError) as e:
+        start_training(Path(__file__).parents[1] / "sample_data" / "with_mistakes.jsonl", config=cfg, base=str(folder))
+    assert any(i.line == 2 for i in e.value.issues)
+    with pytest.raises(TrainingSetupError, match="does not exist"):
+        start_training(data, config=cfg, base=str(tmp_path / "nothing"))
+    with pytest.raises(TrainingSetupError, match="learning_rate"):
+        start_training(data, config=cfg.replace(learning_rate=-1.0), base=str(folder))
+    # the data file changed since the run started: refuse to resume on other data
+    write_jsonl(data, conversations(10))
+    with pytest.raises(TrainingSetupError, match="changed"):
+        resume_training(res.run_dir, extra_epochs=1)

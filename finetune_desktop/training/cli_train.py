@@ -114,7 +114,7 @@ def run_train(args) -> int:
     warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"finetune_desktop\.engine")
     from ..data.report import DataError
     from .session import (TrainingSetupError, _usable_run_dir, check_config, estimate_tokens_per_second,
-                          load_base_model, prepare_data, resume_training, start_training)
+                          fit_config_to_model, load_base_model, prepare_data, resume_training, start_training)
 
     control = TrainControl()
     printer = _Printer(bool(getattr(args, "quiet", False)))
@@ -148,6 +148,7 @@ def run_train(args) -> int:
             _usable_run_dir(args.out)
             vpath = getattr(args, "validation_file", None)
             model, tok, base_dir = load_base_model(args.base)
+            config = fit_config_to_model(config, model)
             data = prepare_data(args.data, tok, config, vpath, estimate_tokens_per_second(model, config.method))
             if not printer.quiet:
                 _print_data_summary(data)

@@ -146,6 +146,14 @@ def attach_method(model: Model, config: TrainConfig) -> None:
         raise TrainingSetupError(f"unknown method {config.method!r} (lora or full)")
 
 
+def fit_config_to_model(config: TrainConfig, model) -> TrainConfig:
+    """Examples never get longer than the model's context (max_position_embeddings)."""
+    limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    if limit and config.max_seq_len > limit:
+        return config.replace(max_seq_len=limit)
+    return config
+
+
 def check_config(config: TrainConfig) -> None:
     problems = []
     if config.method not in ("lora", "full"):
@@ -198,18 +206,22 @@ def start_training(data_path, run_dir=None, config: TrainConfig = TrainConfig(),
     check_config(config)
     if prepared is None:
         model, tok, base_dir = load_base_model(base)
+        config = fit_config_to_model(config, model)
         data = prepare_data(data_path, tok, config, validation_path,
                             estimate_tokens_per_second(model, config.method))
     else:
         model, tok, base_dir, data = prepared
+        config = fit_config_to_model(config, model)
     if run_dir is None:
         run_dir = new_run_dir(Path(data_path).stem)
     run_dir = _usable_run_dir(run_dir)
     attach_method(model, config)
     pad = tok.pad_token_id
-    bs_guess = resolve(config, len(data.train), max(len(e) for e in data.train)).batch_size
+    longest = max(len(e) for e in data.train)
+    tokens = int(sum(len(e) for e in data.train))
+    bs_guess = resolve(config, len(data.train), longest, train_tokens=tokens).batch_size
     spe = _steps_per_epoch(data.train, bs_guess, config.seed, pad)
-    hyper = resolve(config, len(data.train), max(len(e) for e in data.train), steps_per_epoch=spe)
+    hyper = resolve(config, len(data.train), longest, steps_per_epoch=spe, train_tokens=tokens)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     wf = weights_file(base_dir)
