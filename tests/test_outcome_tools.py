@@ -244,6 +244,18 @@ def test_persona_eval_greedy_matches_a_direct_engine_call(tiny, tmp_path):
     assert item["tokens"] == len(gen)
 
 
+def test_persona_eval_replies_like_the_chat_command(tiny):
+    """With the same settings, the reply is what `finetune-desktop chat MODEL --prompt Q --temperature 0`
+    prints (its default repetition penalty is 1.1)."""
+    from finetune_desktop.training.chat import load_chat_model, stream_reply
+
+    cm = load_chat_model(str(tiny))
+    msgs = [{"role": "system", "content": "You are kind."}, {"role": "user", "content": "Hello! How are you?"}]
+    via_chat = "".join(stream_reply(cm, msgs, temperature=0.0, max_new_tokens=10, repetition_penalty=1.1)).strip()
+    item = pe.ask(cm.model, cm.tokenizer, "Hello! How are you?", "You are kind.", max_new_tokens=10)
+    assert item["reply"] == via_chat
+
+
 def test_persona_eval_errors_are_one_line(tmp_path, capsys):
     rc = pe.main([str(tmp_path / "nope"), "--persona", "gyeongsang"])
     assert rc == 2
@@ -309,8 +321,9 @@ def test_plot_runs_writes_a_png(tmp_path):
 
 
 def test_plot_helpers():
-    assert pr.moving_average([1, 2, 3, 4, 5], 3) == [1, 2, 3, 4, 5]
-    assert pr.moving_average([0, 3, 0], 3) == [0, 1, 0]
+    assert pr.moving_average([1, 2, 3, 4, 5], 3) == [1.5, 2, 3, 4, 4.5]
+    assert pr.moving_average([0, 3, 0], 3) == [1.5, 1, 1.5]
+    assert pr.moving_average([2, 4], 1) == [2, 4]
     assert pr.nice_ticks(0.7, 4.3, 5) == [1, 2, 3, 4]
     assert pr.smoothing_window(54) % 2 == 1
 

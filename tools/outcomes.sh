@@ -9,6 +9,8 @@
 #   b) the default fine-tune, timed with /usr/bin/time -v, on sample_data/pirate_captain.jsonl and
 #      sample_data/gyeongsang_ajumma.jsonl (with their _valid files), runs in tools/_build/runs/NAME
 #                                                           -> train_NAME.log, train_NAME.time
+#      and once more exactly as a user types it (no --validation-file; the run is then deleted)
+#                                                           -> train_NAME_plain.log, train_NAME_plain.time
 #   c) tools/persona_eval.py on both runs, with --base-model  -> persona_NAME.json, persona_NAME.txt
 #   d) tools/plot_runs.py on both runs                       -> docs/loss_curves.png
 #   e) a markdown summary with every number and before/after examples -> summary.md
@@ -24,6 +26,7 @@
 #   NICE         e.g. "nice -n 19" to run everything at low priority (default: none; timings are
 #                only meaningful on an otherwise idle machine)
 #   TRAIN_ARGS   extra arguments for `train` (default: none = the default settings)
+#   TIME_PLAIN   0 skips the second, validation-free timing of each fine-tune (default: 1)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -48,6 +51,10 @@ trap 'printf "error: tools/outcomes.sh stopped at line %s (exit %s); see the log
 [[ -x /usr/bin/time ]] || die "/usr/bin/time is missing (apt-get install time)"
 "$PYTHON" -c 'import finetune_desktop' 2>/dev/null || die "$PYTHON cannot import finetune_desktop (set PYTHON=...)"
 mkdir -p "$OUTCOMES" "$RUNS" "$(dirname "$PLOT")"
+busy=$(pgrep -f 'pretrain_base\.py' 2>/dev/null | tr '\n' ' ' || true)
+if [[ -n "$busy" ]]; then
+    printf 'warning: tools/pretrain_base.py is still running (pid %s): wall times and tokens/s will be too slow\n' "${busy% }" >&2
+fi
 
 BASE_ARGS=()
 if [[ -n "${BASE_MODEL:-}" ]]; then BASE_ARGS=(--base "$BASE"); fi
@@ -76,6 +83,7 @@ for name in "${PERSONAS[@]}"; do
     data=${DATA[$name]}
     valid=${data%.jsonl}_valid.jsonl
     run="$RUNS/$(basename "${data%.jsonl}")"
+    rm -f -- "$OUTCOMES/train_$name".{log,time} "$OUTCOMES/train_${name}_plain".{log,time} "$OUTCOMES/persona_$name".{json,txt}
     if [[ -e "$run" ]]; then
         [[ -f "$run/run.json" || -z "$(ls -A "$run")" ]] || die "$run exists and is not a run folder; move it away"
         rm -rf -- "$run"
@@ -90,6 +98,19 @@ for name in "${PERSONAS[@]}"; do
     fi
     tail -n 4 "$OUTCOMES/train_$name.log" | sed 's/^/   /'
     grep -E "Elapsed \(wall|Maximum resident" "$OUTCOMES/train_$name.time" | sed 's/^[[:space:]]*/   /'
+
+    if [[ "${TIME_PLAIN:-1}" != 0 ]]; then
+        # the 60-s target is about the default command; --validation-file adds ~13 evaluations
+        plain="$run.plain"
+        rm -rf -- "$plain"
+        say "b2) the same without --validation-file (timed): train $data --out $plain"
+        "${NICE_CMD[@]}" /usr/bin/time -v -o "$OUTCOMES/train_${name}_plain.time" \
+            "$PYTHON" -m finetune_desktop train "$data" --out "$plain" "${BASE_ARGS[@]}" "${EXTRA_TRAIN[@]}" \
+            > "$OUTCOMES/train_${name}_plain.log" 2>&1 \
+            || { tail -n 20 "$OUTCOMES/train_${name}_plain.log" >&2; die "fine-tuning (no validation) on $data failed"; }
+        grep -E "Elapsed \(wall|Maximum resident" "$OUTCOMES/train_${name}_plain.time" | sed 's/^[[:space:]]*/   /'
+        rm -rf -- "$plain"
+    fi
 
     say "c) persona check: tools/persona_eval.py $run --persona $name --base-model $BASE"
     "${NICE_CMD[@]}" "$PYTHON" tools/persona_eval.py "$run" --persona "$name" --base-model "$BASE" \

@@ -29,16 +29,16 @@ of the persona's list below matches; the markers that matched are stored with ev
               the share of replies with one is reported as plain_word_fraction.
   gyeongsang  Gyeongsang (경상도) forms that standard Korean does not use: sentence endings
               -데이, -래이/-재이, 아이가, -노? / -노!, the quoting verb 카- (카이, 카데, 카더라,
-              카모, 카노, 칸다, 캐서), 억수로, 마이 (많이, as a word), 단디, 쫌, 쪼매, 우짜/우째/우야,
+              카모, 카면, 카노, 칸다, 캐서), 억수로, 마이 (많이, as a word), 단디, 쫌, 쪼매, 우짜/우째/우야,
               그라모/그라고/그라이/그래가, 먹다 as 묵-/뭇- (묵고, 묵어, 뭇나, 무모, 무라), 하모,
               -으모, 기라, 함 (한번, as a word), 온나, 아지매/할매, 내사, -습니더/-심더/-능교,
               -주께/-하께, 퍼뜩.
               Not counted, because standard Korean uses them too: -나?, 예/-예, 아이고, 니, 좀.
 
 Calibration (tests/test_outcome_tools.py keeps it true): the rule marks every assistant reply of
-sample_data/pirate_captain*.jsonl and sample_data/gyeongsang_ajumma*.jsonl as in style, and at
-most a few percent of the assistant replies of the project's standard everyday dialogs
-(tools/corpus/, English and Korean), which is the base model's own style.
+sample_data/pirate_captain*.jsonl and sample_data/gyeongsang_ajumma*.jsonl (181 and 185 replies)
+as in style, and none of the assistant replies of the project's standard everyday dialogs in
+tools/corpus/ (6,815 English, 801 Korean; the test allows 2%), which are the base model's style.
 
 Also reported: ended_fraction (replies that ended with the end-of-turn token within the token
 limit), distinct_2 (distinct word bigrams / all word bigrams over the replies), mean reply length
@@ -116,7 +116,7 @@ GYEONGSANG_MARKERS: tuple[tuple[str, str], ...] = (
     ("-래이/-재이", r"(?<=[가-힣])[래재]이" + _K),
     ("아이가", r"아이가(?=\s*[.,!?~…]|\s*$)"),
     ("-노?/-노!", r"(?<=[가-힣])(?<!피아)노(?=\s*[?!])"),
-    ("카- (quoting)", r"(?<![스])(?:카(?:이|데|더라|모|노|나|고)|칸다|캐서|캐라|캐래이)" + _K),
+    ("카- (quoting)", r"(?<![스])(?:카(?:이|데|더라|모|면|노|나|고)|칸다|캐서|캐라|캐래이)" + _K),
     ("억수로", r"억수로"),
     ("마이 (많이)", _H + r"마이(?![가-힣])"),
     ("단디", r"단디"),
@@ -469,7 +469,8 @@ def summary_markdown(base: dict, runs: list[dict], base_path: str, n_examples: i
     """The compact markdown the lead pastes into README and the model card.
 
     base: tools/eval_base.py's JSON. runs: one dict per persona with keys
-    name, run_json (run.json dict), time (parse_time_v), eval (this module's JSON)."""
+    name, run_json (run.json dict), time (parse_time_v of the timed run), eval (this module's JSON),
+    and optionally time_plain (parse_time_v of the same command without --validation-file)."""
     L = [f"# Outcomes{' (' + when + ')' if when else ''}", "",
          f"Base model: `{base_path}`" + (f", {base.get('num_parameters'):,} parameters" if base.get("num_parameters") else "")
          + (f", {base['size_mb']:.1f} MB on disk" if base.get("size_mb") else "") + ".", "",
@@ -478,7 +479,7 @@ def summary_markdown(base: dict, runs: list[dict], base_path: str, n_examples: i
     L.append(f"| held-out bits per byte ({base.get('heldout_conversations', '?')} everyday English dialogs, chat format) "
              f"| {_num(bpb, '{:.3f}')}{_mark(None if bpb is None else bpb <= 2.0)} | ≤ 2.0 |")
     ef = base.get("ended_fraction")
-    L.append(f"| replies that end with `<|im_end|>` within 128 tokens ({base.get('questions', '?')} everyday questions) "
+    L.append(f"| replies that end with `<\\|im_end\\|>` within 128 tokens ({base.get('questions', '?')} everyday questions) "
              f"| {_num(ef, '{:.0%}')}{_mark(None if ef is None else ef >= 0.95)} | ≥ 95% |")
     d2 = base.get("distinct_2")
     L.append(f"| distinct-2 of those replies | {_num(d2, '{:.2f}')}{_mark(None if d2 is None else d2 >= 0.5)} | ≥ 0.5 |")
@@ -516,8 +517,17 @@ def summary_markdown(base: dict, runs: list[dict], base_path: str, n_examples: i
                                            for r in runs], "≤ 60 s")
     row("… of which the training loop (incl. validation)", [f"{_num(g(r, 'run_json', 'final', 'elapsed_s'), '{:.1f}')} s"
                                                           for r in runs])
-    row("peak memory (max RSS)", [f"{_num(g(r, 'time', 'max_rss_mb'), '{:.0f}')} MB"
-                                  f"{_mark(None if g(r, 'time', 'max_rss_mb') is None else g(r, 'time', 'max_rss_mb') < 1024)}"
+    if any(g(r, "time_plain", "wall_s") is not None for r in runs):
+        row("wall time without --validation-file (the plain default command)", [
+            f"{_num(g(r, 'time_plain', 'wall_s'), '{:.1f}')} s"
+            f"{_mark(None if g(r, 'time_plain', 'wall_s') is None else g(r, 'time_plain', 'wall_s') <= 60)}"
+            for r in runs], "≤ 60 s")
+
+    def peak(r):
+        v = [x for x in (g(r, "time", "max_rss_mb"), g(r, "time_plain", "max_rss_mb")) if x is not None]
+        return max(v) if v else None
+
+    row("peak memory (max RSS)", [f"{_num(peak(r), '{:.0f}')} MB{_mark(None if peak(r) is None else peak(r) < 1024)}"
                                   for r in runs], "< 1 GB")
     row("final training / validation loss", [f"{_num(g(r, 'run_json', 'final', 'train_loss'))} / "
                                              f"{_num(g(r, 'run_json', 'final', 'valid_loss'))}" for r in runs])
@@ -531,7 +541,7 @@ def summary_markdown(base: dict, runs: list[dict], base_path: str, n_examples: i
                                                   for r in runs])
     row("… the base model, same questions and system message", [
         _num(g(r, "eval", "base", "in_style_fraction"), "{:.0%}") for r in runs])
-    row("tuned replies that end with `<|im_end|>` within 128 tokens", [
+    row("tuned replies that end with `<\\|im_end\\|>` within 128 tokens", [
         _num(g(r, "eval", "tuned", "ended_fraction"), "{:.0%}") for r in runs])
     row("distinct-2 of tuned replies (base)", [f"{_num(g(r, 'eval', 'tuned', 'distinct_2'), '{:.2f}')} "
                                                f"({_num(g(r, 'eval', 'base', 'distinct_2'), '{:.2f}')})" for r in runs])
@@ -571,8 +581,8 @@ def summary_markdown(base: dict, runs: list[dict], base_path: str, n_examples: i
 
 def summary_main(argv=None) -> int:
     """`python -c 'import persona_eval; persona_eval.summary_main()' --outcomes DIR --base PATH --run NAME=RUN_DIR ...`
-    (called by tools/outcomes.sh). Reads DIR/base_eval.json, DIR/train_NAME.time, DIR/persona_NAME.json and
-    RUN_DIR/run.json; writes DIR/summary.md."""
+    (called by tools/outcomes.sh). Reads DIR/base_eval.json, DIR/train_NAME.time (and, if there,
+    DIR/train_NAME_plain.time), DIR/persona_NAME.json and RUN_DIR/run.json; writes DIR/summary.md."""
     from datetime import datetime, timezone
 
     ap = argparse.ArgumentParser(prog="persona_eval summary")
@@ -604,6 +614,7 @@ def summary_main(argv=None) -> int:
             if base.get("num_parameters") is None:
                 base["num_parameters"] = (rj.get("base_model") or {}).get("num_parameters")
             runs.append({"name": name, "run_json": rj, "time": parse_time_v(d / f"train_{name}.time"),
+                         "time_plain": parse_time_v(d / f"train_{name}_plain.time"),
                          "eval": read_json(d / f"persona_{name}.json")})
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -7,6 +7,8 @@ folder name when run.json has none). Each panel shows, against the training step
   - the training loss of every step (thin, faint): the raw numbers, noisy because every batch differs;
   - the same loss smoothed with a centred moving average over about a tenth of the steps
     (no lag, unlike an exponential average);
+  - in the corner: the first step's training loss -> the mean of the last steps, and the first ->
+    last validation loss;
   - the validation loss (dots joined by a line), evaluated during the run and at each epoch end;
   - dotted vertical lines at epoch ends.
 Only metrics.jsonl (and run.json for the label) are read. Drawn with QPainter on a QImage
@@ -96,13 +98,13 @@ def _finite(x) -> bool:
 
 
 def moving_average(y, window: int) -> list[float]:
-    """Centred moving average; the window shrinks symmetrically at the ends (no lag, no padding)."""
+    """Centred moving average; near the ends the window is cut off (only real points are averaged,
+    no padding), so the curve does not lag behind the raw loss."""
     n = len(y)
     h = max(0, window // 2)
     out = []
     for i in range(n):
-        k = min(h, i, n - 1 - i)
-        seg = y[i - k: i + k + 1]
+        seg = y[max(0, i - h): i + h + 1]
         out.append(sum(seg) / len(seg))
     return out
 
@@ -143,7 +145,7 @@ def _ensure_gui_app():
     return app
 
 
-TRAIN_RAW = (31, 119, 180, 70)     # blue, faint
+TRAIN_RAW = (31, 119, 180, 85)     # blue, faint
 TRAIN_SMOOTH = (31, 119, 180, 255)
 VALID = (230, 110, 20, 255)        # orange
 GRID = (225, 225, 225, 255)
@@ -303,13 +305,14 @@ def _draw_panel(p, s: RunSeries, box, scale, f_title, f_label, f_tick, QPointF, 
         p.drawEllipse(QPointF(X(a), Y(b)), 4.5 * scale, 4.5 * scale)
     p.setBrush(Qt.BrushStyle.NoBrush)
     p.setClipping(False)
-    # final numbers, bottom-left inside the plot... top-right is where curves start, so use top-right only if free
+    # first -> last numbers, top right (the curves fall from the top left)
     p.setFont(f_tick)
     fm = p.fontMetrics()
     lines = []
     if s.train:
-        lines.append(f"train {s.train[0]:.2f} → {moving_average(list(s.train), smoothing_window(len(s.train)))[-1]:.2f}"
-                     if len(s.train) >= 3 else f"train {s.train[-1]:.2f}")
+        w = min(len(s.train), smoothing_window(len(s.train)))
+        tail = s.train[-w:]
+        lines.append(f"train {s.train[0]:.2f} → {sum(tail) / len(tail):.2f} (last {w} steps)")
     if s.valid:
         lines.append(f"validation {s.valid[0]:.2f} → {s.valid[-1]:.2f}")
     p.setPen(QColor(*TEXT))
