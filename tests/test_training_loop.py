@@ -294,3 +294,31 @@ def test_restore_best_keeps_the_best_weights(folder, tmp_path):
     assert vl == pytest.approx(best, rel=1e-5)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["final"]["restored_best"] is True
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_snapshot_relative_update_matches_brute_force(folder, method):
+    from finetune_desktop.engine import LoraConfig
+    from finetune_desktop.engine.optim import AdamWConfig, adamw_init, adamw_step
+    from finetune_desktop.training.snapshots import SnapshotMaker, layer_of
+
+    model = Model.from_pretrained(folder)
+    if method == "lora":
+        model.add_lora(LoraConfig(4, 8.0), seed=0)
+        for k, v in model.lora.items():  # a trained-looking adapter (B no longer zero)
+            v += 0.05 * np.random.default_rng(1).standard_normal(v.shape).astype(np.float32)
+    maker = SnapshotMaker(model)
+    P = model.trainable_params()
+    rng = np.random.default_rng(2)
+    grads = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in P.items()}
+    eff = lambda n: (model.merged_params()[n]).copy()  # noqa: E731 - effective weight
+    W_before = {n: eff(n) for n in maker.names}
+    before = maker.before_update()
+    rel = adamw_step(P, grads, adamw_init(P), 1e-3, AdamWConfig())
+    snap = maker.build(1, before, {}, None, rel)
+    for l in range(model.config.num_hidden_layers):
+        names = [n for n in maker.names if layer_of(n) == l]
+        num = math.sqrt(sum(float(np.sum((eff(n) - W_before[n]) ** 2)) for n in names))
+        den = math.sqrt(sum(float(np.sum(maker.W0[n] ** 2)) for n in names))
+        # LoRA: exact; full: ||dW|| comes from the optimizer's ratio times ||W after||, off by O(||dW|| / ||W||)
+        assert snap.relative_update[f"layer {l}"] == pytest.approx(num / den, rel=1e-4 if method == "lora" else 1e-2)

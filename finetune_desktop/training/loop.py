@@ -353,9 +353,8 @@ def _train(model, train_examples, valid_examples, config, hyper, run_dir, on_eve
                     # every gradient exactly zero while the loss is not: activations overflowed and the
                     # network went dead (it predicts a flat distribution and can no longer learn)
                     raise TrainingDiverged("the activations overflowed and the gradients became exactly zero")
-                if want_snap:
-                    before = snap.before_update()
-                adamw_step(P, grads, opt, lr, acfg)
+                before = snap.before_update() if want_snap else None
+                rel = adamw_step(P, grads, opt, lr, acfg)
                 t4 = time.perf_counter()
                 del grads
                 step += 1
@@ -377,8 +376,10 @@ def _train(model, train_examples, valid_examples, config, hyper, run_dir, on_eve
                                "tokens": ntok, "trained_tokens": int(n_counted)})
                 emit(sm)
                 if want_snap:
-                    emit(snap.build(step, before, layer_gn, control.focus_matrix))
-                    last_snapshot = time.perf_counter()
+                    t5 = time.perf_counter()
+                    emit(snap.build(step, before, layer_gn, control.focus_matrix, rel))
+                    # never spend more than ~1/6 of the time on snapshots (full fine-tuning of big matrices)
+                    last_snapshot = time.perf_counter() + 5 * (time.perf_counter() - t5)
                     before = None
                 epoch_end = step % S == 0
                 if epoch_end or (hyper.eval_every and step % hyper.eval_every == 0):

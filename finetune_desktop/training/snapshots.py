@@ -124,31 +124,29 @@ class SnapshotMaker:
         return downsample(self.model.params[name] - self.W0[name], self.max_size)
 
     def _step_change_sq(self, name: str, before: dict) -> float:
-        """||W_after - W_before||^2 of this step's update (effective weights with LoRA)."""
-        if self.use_lora:
-            A1, B1 = self._lora_ab(name)
-            if A1 is None:
-                return 0.0
-            A0, B0 = self._lora_ab(name, before)
-            # B1 A1 - B0 A0 = (B1 - B0) A1 + B0 (A1 - A0) = U V with U = [dB, B0], V = [A1; dA]
-            U = np.concatenate([B1 - B0, B0], axis=1).astype(np.float64)  # (out, 2r)
-            V = np.concatenate([A1, A1 - A0], axis=0).astype(np.float64)  # (2r, in)
-            s = self.model.lora_config.scale
-            return float(s * s * np.trace((U.T @ U) @ (V @ V.T)))  # ||U V||_F^2 from (2r, 2r) products
-        d = self.model.params[name] - before[name]
-        return float(np.vdot(d, d))
+        """||W_after - W_before||^2 of this step's LoRA update of the effective weight W0 + s B A."""
+        A1, B1 = self._lora_ab(name)
+        if A1 is None:
+            return 0.0
+        A0, B0 = self._lora_ab(name, before)
+        # B1 A1 - B0 A0 = (B1 - B0) A1 + B0 (A1 - A0) = U V with U = [dB, B0], V = [A1; dA]
+        U = np.concatenate([B1 - B0, B0], axis=1).astype(np.float64)  # (out, 2r)
+        V = np.concatenate([A1, A1 - A0], axis=0).astype(np.float64)  # (2r, in)
+        s = self.model.lora_config.scale
+        return float(s * s * np.trace((U.T @ U) @ (V @ V.T)))  # ||U V||_F^2 from (2r, 2r) products
 
-    def before_update(self) -> dict:
-        """Copies of what this step's update will change (taken only on snapshot steps)."""
-        if self.use_lora:
-            out = {}
-            for n in self.names:
-                an, bn = lora_names(n)
-                if an in self.model.lora:
-                    out[an] = self.model.lora[an].copy()
-                    out[bn] = self.model.lora[bn].copy()
-            return out
-        return {n: self.model.params[n].copy() for n in self.names}
+    def before_update(self) -> dict | None:
+        """Copies of what this step's update will change (taken only on snapshot steps). Full
+        fine-tuning needs none: the optimizer reports each tensor's relative update itself."""
+        if not self.use_lora:
+            return None
+        out = {}
+        for n in self.names:
+            an, bn = lora_names(n)
+            if an in self.model.lora:
+                out[an] = self.model.lora[an].copy()
+                out[bn] = self.model.lora[bn].copy()
+        return out
 
     def grad_norms(self, grads: dict) -> dict[str, float]:
         sq = [0.0] * self.layers
@@ -168,9 +166,12 @@ class SnapshotMaker:
         return self.model.params[name]
 
     # ------------------------------------------------------------------ the snapshot
-    def build(self, step: int, before: dict | None, grad_norms: dict[str, float], focus: str | None = None) -> WeightSnapshot:
+    def build(self, step: int, before: dict | None, grad_norms: dict[str, float], focus: str | None = None,
+              optimizer_rel: dict[str, float] | None = None) -> WeightSnapshot:
         """Matrices' change since start and current values (downsampled), per-layer relative size
-        of this step's update ||W_after - W_before|| / ||W0||, gradient norms, biases now/start."""
+        of this step's update ||W_after - W_before|| / ||W0||, gradient norms, biases now/start.
+        With full fine-tuning the step's change comes from optimizer_rel (adamw_step's
+        ||dW|| / ||W|| per tensor) times ||W||, so no copy of the weights is needed."""
         matrices, current = {}, {}
         upd_sq = [0.0] * self.layers
         for n in self.names:
@@ -178,8 +179,13 @@ class SnapshotMaker:
             matrices[n] = small
             current[n] = self.W0_small[n] + small
             l = layer_of(n)
-            if before is not None and l is not None:
+            if l is None:
+                continue
+            if self.use_lora and before is not None:
                 upd_sq[l] += self._step_change_sq(n, before)
+            elif not self.use_lora and optimizer_rel is not None and n in optimizer_rel:
+                w = self.model.params[n]
+                upd_sq[l] += (optimizer_rel[n] ** 2) * float(np.vdot(w, w))
         rel = {f"layer {l}": (float(np.sqrt(max(upd_sq[l], 0.0))) / self.w0_norm[l] if self.w0_norm[l] > 0 else 0.0)
                for l in range(self.layers)}
         focus = focus if focus in self.W0 else (self.names[0] if self.names else None)
