@@ -114,7 +114,7 @@ _BLAS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _parallel_section():
+def _single_threaded_blas():
     """Single-threaded BLAS while our own shard threads run (no oversubscription). Reference
     counted, so overlapping sections from several threads restore the original setting once."""
     try:
@@ -327,7 +327,7 @@ class Model:
         rows = _row_generators(rng, ids.shape[0])
         rngs = [None if rows is None else rows[s] for s in shards]
         masks = [None if attention_mask is None else np.asarray(attention_mask)[s] for s in shards]
-        with _parallel_section():
+        with _single_threaded_blas():
             outs = list(_pool(n).map(lambda i: self._forward_one(ids[shards[i]], masks[i], None, train, rngs[i], last_only),
                                      range(n)))
         logits = np.concatenate([o[0] for o in outs], axis=0)
@@ -401,7 +401,7 @@ class Model:
         if cache[0] == "sharded":
             _, shards, caches = cache
             n = len(shards)
-            with _parallel_section():
+            with _single_threaded_blas():
                 parts = list(_pool(n).map(lambda i: self._backward_one(dlogits[shards[i]], caches[i]), range(n)))
             grads = parts[0]
             for part in parts[1:]:
@@ -508,6 +508,7 @@ class Model:
         self.params, self.lora = gen_params, None
         self._fuse_cache.clear()
         self._cache_fused = True
+        gen_cleanup: list = []
         try:
             total = len(prompt) + max_new_tokens
             cache = self.new_kv_cache(1, total)
@@ -517,6 +518,10 @@ class Model:
             cos_all, sin_all = ops.rope_tables(self.config.inv_freq(), np.arange(total), self.dtype)
             history = list(prompt)
             stops = set(int(s) for s in stop_ids)
+            # one-token steps are small matrix-vector products: BLAS threads only add waiting
+            blas = _single_threaded_blas()
+            blas.__enter__()
+            gen_cleanup.append(lambda: blas.__exit__(None, None, None))
             for _ in range(max_new_tokens):
                 nxt = sample_next(last, history, rng, temperature=temperature, top_k=top_k,
                                   top_p=top_p, repetition_penalty=repetition_penalty)
@@ -528,6 +533,8 @@ class Model:
                     return  # max_new_tokens reached: no need to run the model once more
                 last = self._decode_one(nxt, cache, packed, cos_all[cache.length], sin_all[cache.length])
         finally:
+            for fn in gen_cleanup:
+                fn()
             self.params, self.lora = saved, saved_lora
             self._fuse_cache.clear()
             self._cache_fused = False
