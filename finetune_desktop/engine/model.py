@@ -508,20 +508,20 @@ class Model:
         self.params, self.lora = gen_params, None
         self._fuse_cache.clear()
         self._cache_fused = True
-        gen_cleanup: list = []
+        # small matrix products (prefill of a short prompt, then one-token steps): BLAS threads
+        # only add waiting, so generation runs single-threaded BLAS
+        blas = _single_threaded_blas()
+        blas.__enter__()
+        gen_cleanup: list = [lambda: blas.__exit__(None, None, None)]
         try:
             total = len(prompt) + max_new_tokens
             cache = self.new_kv_cache(1, total)
             logits, _ = self.forward(np.array([prompt]), kv_cache=cache, last_only=True)
             last = logits[0, -1]
-            packed = self._pack_for_decoding()
+            packed = self._decode_pack()
             cos_all, sin_all = ops.rope_tables(self.config.inv_freq(), np.arange(total), self.dtype)
             history = list(prompt)
             stops = set(int(s) for s in stop_ids)
-            # one-token steps are small matrix-vector products: BLAS threads only add waiting
-            blas = _single_threaded_blas()
-            blas.__enter__()
-            gen_cleanup.append(lambda: blas.__exit__(None, None, None))
             for _ in range(max_new_tokens):
                 nxt = sample_next(last, history, rng, temperature=temperature, top_k=top_k,
                                   top_p=top_p, repetition_penalty=repetition_penalty)
@@ -538,6 +538,21 @@ class Model:
             self.params, self.lora = saved, saved_lora
             self._fuse_cache.clear()
             self._cache_fused = False
+
+    def _decode_pack(self):
+        """The decode weights, reused across generate calls while the weights are unchanged: same
+        arrays (identity) and the same values at a strided sample (in-place optimizer updates
+        change every element, so a sample sees them)."""
+        p = self.params
+        names = sorted(p)
+        key = tuple(id(p[k]) for k in names)
+        fp = np.array([float(p[k].reshape(-1)[::97].sum(dtype=np.float64)) for k in names])
+        cached = getattr(self, "_pack_cache", None)
+        if cached is not None and cached[0] == key and np.array_equal(cached[1], fp):
+            return cached[2]
+        packed = self._pack_for_decoding()
+        self._pack_cache = (key, fp, packed)
+        return packed
 
     def _pack_for_decoding(self):
         """Weights for the one-token decode path, built once per generate call: projections that
