@@ -114,7 +114,7 @@ _BLAS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _single_threaded_blas():
+def single_threaded_blas():
     """Single-threaded BLAS while our own shard threads run (no oversubscription). Reference
     counted, so overlapping sections from several threads restore the original setting once."""
     try:
@@ -327,7 +327,7 @@ class Model:
         rows = _row_generators(rng, ids.shape[0])
         rngs = [None if rows is None else rows[s] for s in shards]
         masks = [None if attention_mask is None else np.asarray(attention_mask)[s] for s in shards]
-        with _single_threaded_blas():
+        with single_threaded_blas():
             outs = list(_pool(n).map(lambda i: self._forward_one(ids[shards[i]], masks[i], None, train, rngs[i], last_only),
                                      range(n)))
         logits = np.concatenate([o[0] for o in outs], axis=0)
@@ -401,7 +401,7 @@ class Model:
         if cache[0] == "sharded":
             _, shards, caches = cache
             n = len(shards)
-            with _single_threaded_blas():
+            with single_threaded_blas():
                 parts = list(_pool(n).map(lambda i: self._backward_one(dlogits[shards[i]], caches[i]), range(n)))
             grads = parts[0]
             for part in parts[1:]:
@@ -510,7 +510,7 @@ class Model:
         self._cache_fused = True
         # small matrix products (prefill of a short prompt, then one-token steps): BLAS threads
         # only add waiting, so generation runs single-threaded BLAS
-        blas = _single_threaded_blas()
+        blas = single_threaded_blas()
         blas.__enter__()
         gen_cleanup: list = [lambda: blas.__exit__(None, None, None)]
         try:
