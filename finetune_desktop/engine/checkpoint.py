@@ -61,7 +61,8 @@ def read_safetensors(path, as_float32: bool = True) -> dict[str, np.ndarray]:
             raise ModelFormatError(f"{path}: corrupt safetensors header (not a JSON object)")
         data_start = 8 + n
         data_len = size - data_start
-        mm = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_len,)) if data_len else np.zeros(0, np.uint8)
+        # plain reads, no memory map: a file replaced or truncated by another thread or process
+        # while mapped would kill the process with SIGBUS instead of raising an error
         out = {}
         for name, info in header.items():
             if name == "__metadata__":
@@ -81,7 +82,11 @@ def read_safetensors(path, as_float32: bool = True) -> dict[str, np.ndarray]:
             if not (0 <= a <= b <= data_len) or b - a != count * item:
                 raise ModelFormatError(
                     f"{path}: tensor {name!r} data offsets {a}..{b} do not match its shape {shape} and dtype {dt}")
-            raw = np.array(mm[a:b])  # copy out of the memmap
+            f.seek(data_start + a)
+            buf = f.read(b - a)
+            if len(buf) != b - a:
+                raise ModelFormatError(f"{path}: file ended inside tensor {name!r} (truncated while reading?)")
+            raw = np.frombuffer(buf, dtype=np.uint8).copy()
             if dt == "BF16":
                 arr = _bf16_to_f32(raw)
             else:
@@ -90,7 +95,6 @@ def read_safetensors(path, as_float32: bool = True) -> dict[str, np.ndarray]:
             if as_float32 and arr.dtype.kind == "f" and arr.dtype != np.float32:
                 arr = arr.astype(np.float32)
             out[name] = arr
-        del mm
     return out
 
 
