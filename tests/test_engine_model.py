@@ -271,18 +271,17 @@ def test_lora_dropout_with_a_seed_does_not_depend_on_thread_count():
     assert abs(losses[0] - losses[1]) < 1e-12, f"loss with 1 thread {losses[0]} != with 2 threads {losses[1]}"
 
 
-def test_errors_in_a_shard_propagate_and_restore_blas_threads():
+def test_errors_in_a_shard_propagate_and_blas_stays_single_threaded():
     threadpoolctl = pytest.importorskip("threadpoolctl")
     m = _with_threads(make_model("gqa_bias_tied", dtype=np.float32), 2)
-    before = [(i["internal_api"], i["num_threads"]) for i in threadpoolctl.threadpool_info()]
     ids = np.zeros((4, 5), dtype=np.int64)
     ids[3, 2] = m.config.vocab_size  # out of range, in the second shard
     with pytest.raises(ValueError, match="out of range"):
         m.logits(ids)
     ok, _ = batch(m.config.vocab_size, B=4)
     m.loss_and_grads(ok, ok)
-    after = [(i["internal_api"], i["num_threads"]) for i in threadpoolctl.threadpool_info()]
-    assert after == before, f"BLAS thread limits not restored: {before} -> {after}"
+    blas = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    assert blas and all(n == 1 for n in blas), f"BLAS should be switched to one thread once: {blas}"
 
 
 # ----------------------------------------------------------------------------- KV cache

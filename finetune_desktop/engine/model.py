@@ -109,33 +109,40 @@ def _pool(n: int) -> ThreadPoolExecutor:
         return _POOLS[n]
 
 
-_BLAS = {"ctl": None, "limiter": None, "users": 0}
+_BLAS_DONE = False
 _BLAS_LOCK = threading.Lock()
+
+
+def ensure_single_threaded_blas() -> None:
+    """Switch numpy's BLAS to one thread, once per process, and never back.
+
+    The engine runs batch shards in its own threads, and one-token decoding is matrix-vector
+    work, so BLAS threads only add spinning (on a busy 2-core machine a training step went from
+    2 s to 13 s). The switch is made once and never undone because changing OpenBLAS's thread
+    count while another thread is inside a BLAS call can crash the process; the app calls this at
+    start-up, before any worker thread exists. FINETUNE_DESKTOP_BLAS_THREADS=N (N >= 1) picks
+    another fixed count; 0 leaves the library alone."""
+    global _BLAS_DONE
+    with _BLAS_LOCK:
+        if _BLAS_DONE:
+            return
+        _BLAS_DONE = True
+        env = os.environ.get("FINETUNE_DESKTOP_BLAS_THREADS", "").strip()
+        n = int(env) if env.isdigit() else 1
+        if n <= 0:
+            return
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # optional at run time: results are the same, only speed differs
+            return
+        threadpool_limits(limits=n, user_api="blas")  # kept for the life of the process
 
 
 @contextlib.contextmanager
 def single_threaded_blas():
-    """Single-threaded BLAS while our own shard threads run (no oversubscription). Reference
-    counted, so overlapping sections from several threads restore the original setting once."""
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:  # optional: without it BLAS may oversubscribe, but results are the same
-        yield
-        return
-    with _BLAS_LOCK:
-        if _BLAS["ctl"] is None:
-            _BLAS["ctl"] = ThreadpoolController()
-        if _BLAS["users"] == 0:
-            _BLAS["limiter"] = _BLAS["ctl"].limit(limits=1, user_api="blas")
-        _BLAS["users"] += 1
-    try:
-        yield
-    finally:
-        with _BLAS_LOCK:
-            _BLAS["users"] -= 1
-            if _BLAS["users"] == 0:
-                _BLAS["limiter"].restore_original_limits()
-                _BLAS["limiter"] = None
+    """Context kept for call sites that mark BLAS-sensitive sections; see ensure_single_threaded_blas."""
+    ensure_single_threaded_blas()
+    yield
 
 
 @dataclass

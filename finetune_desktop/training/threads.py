@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from ..engine.model import single_threaded_blas
+from ..engine.model import ensure_single_threaded_blas
 
 ENV = "FINETUNE_DESKTOP_BLAS_THREADS"
 DEFAULT_THREADS = 1
@@ -29,16 +29,9 @@ def wanted_threads() -> int:
 
 @contextlib.contextmanager
 def blas_threads(n: int | None = None):
-    """Limit BLAS threads inside the block (n None: FINETUNE_DESKTOP_BLAS_THREADS or 1; 0: no change).
-    One thread goes through the engine's reference-counted switch, so overlapping blocks from the
-    training and chat threads restore the original setting exactly once."""
-    n = wanted_threads() if n is None else n
-    if n <= 0:
-        yield
-    elif n == 1:
-        with single_threaded_blas():
-            yield
-    else:
-        from threadpoolctl import threadpool_limits
-        with threadpool_limits(limits=n, user_api="blas"):
-            yield
+    """Mark a training or chat block: BLAS is switched once per process to the wanted number of
+    threads (FINETUNE_DESKTOP_BLAS_THREADS, default 1) and never changed back, because changing it
+    while another thread is inside a BLAS call can crash OpenBLAS. `n` is accepted for
+    compatibility; the process-wide setting wins."""
+    ensure_single_threaded_blas()
+    yield
