@@ -10,7 +10,6 @@ H query heads, KVH key/value heads, G = H // KVH, hd head dim.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import threading
@@ -136,13 +135,6 @@ def ensure_single_threaded_blas() -> None:
         except ImportError:  # optional at run time: results are the same, only speed differs
             return
         threadpool_limits(limits=n, user_api="blas")  # kept for the life of the process
-
-
-@contextlib.contextmanager
-def single_threaded_blas():
-    """Context kept for call sites that mark BLAS-sensitive sections; see ensure_single_threaded_blas."""
-    ensure_single_threaded_blas()
-    yield
 
 
 @dataclass
@@ -334,9 +326,9 @@ class Model:
         rows = _row_generators(rng, ids.shape[0])
         rngs = [None if rows is None else rows[s] for s in shards]
         masks = [None if attention_mask is None else np.asarray(attention_mask)[s] for s in shards]
-        with single_threaded_blas():
-            outs = list(_pool(n).map(lambda i: self._forward_one(ids[shards[i]], masks[i], None, train, rngs[i], last_only),
-                                     range(n)))
+        ensure_single_threaded_blas()
+        outs = list(_pool(n).map(lambda i: self._forward_one(ids[shards[i]], masks[i], None, train, rngs[i], last_only),
+                                 range(n)))
         logits = np.concatenate([o[0] for o in outs], axis=0)
         return logits, ("sharded", shards, [o[1] for o in outs])
 
@@ -408,8 +400,7 @@ class Model:
         if cache[0] == "sharded":
             _, shards, caches = cache
             n = len(shards)
-            with single_threaded_blas():
-                parts = list(_pool(n).map(lambda i: self._backward_one(dlogits[shards[i]], caches[i]), range(n)))
+            parts = list(_pool(n).map(lambda i: self._backward_one(dlogits[shards[i]], caches[i]), range(n)))
             grads = parts[0]
             for part in parts[1:]:
                 for k, g in part.items():
@@ -517,9 +508,7 @@ class Model:
         self._cache_fused = True
         # small matrix products (prefill of a short prompt, then one-token steps): BLAS threads
         # only add waiting, so generation runs single-threaded BLAS
-        blas = single_threaded_blas()
-        blas.__enter__()
-        gen_cleanup: list = [lambda: blas.__exit__(None, None, None)]
+        ensure_single_threaded_blas()
         try:
             total = len(prompt) + max_new_tokens
             cache = self.new_kv_cache(1, total)
@@ -540,8 +529,6 @@ class Model:
                     return  # max_new_tokens reached: no need to run the model once more
                 last = self._decode_one(nxt, cache, packed, cos_all[cache.length], sin_all[cache.length])
         finally:
-            for fn in gen_cleanup:
-                fn()
             self.params, self.lora = saved, saved_lora
             self._fuse_cache.clear()
             self._cache_fused = False

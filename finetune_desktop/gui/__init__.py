@@ -12,9 +12,6 @@ __all__ = ["MainWindow", "run_app"]
 def __getattr__(name):
     import importlib
     importlib.import_module(__name__ + ".qtcompat")  # binding work-arounds first
-    # fix numpy's BLAS thread count now, on the main thread, before any worker thread exists
-    from ..engine.model import ensure_single_threaded_blas
-    ensure_single_threaded_blas()
     if name == "MainWindow":
         from .main_window import MainWindow
         return MainWindow
