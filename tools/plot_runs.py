@@ -27,6 +27,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from finetune_desktop.training.runs import load_run_metrics  # noqa: E402
+
 
 class PlotError(Exception):
     """A problem with the inputs, in words."""
@@ -51,24 +53,17 @@ def load_series(run_dir, label: str | None = None) -> RunSeries:
     train: dict[int, float] = {}
     valid: dict[int, float] = {}
     epoch_at: dict[int, float] = {}
-    with open(p, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                d = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(d, dict) or not isinstance(d.get("step"), (int, float)):
-                continue
-            s = int(d["step"])
-            if _finite(d.get("train_loss")):
-                train[s] = float(d["train_loss"])        # a resumed run rewrites a step: the last one wins
-            if _finite(d.get("valid_loss")):
-                valid[s] = float(d["valid_loss"])
-            if _finite(d.get("epoch")):
-                epoch_at[s] = float(d["epoch"])
+    metrics = load_run_metrics(run_dir)  # skips blank, cut-off and non-object lines
+    for d in metrics.train + metrics.eval:
+        if not isinstance(d.get("step"), (int, float)):
+            continue
+        s = int(d["step"])
+        if _finite(d.get("train_loss")):
+            train[s] = float(d["train_loss"])        # a resumed run rewrites a step: the last one wins
+        if _finite(d.get("valid_loss")):
+            valid[s] = float(d["valid_loss"])
+        if _finite(d.get("epoch")):
+            epoch_at[s] = float(d["epoch"])
     if not train and not valid:
         raise PlotError(f"{p}: no train_loss or valid_loss lines")
     if label is None:
@@ -137,11 +132,13 @@ def _fmt_tick(v: float) -> str:
 
 def _ensure_gui_app():
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    from PySide6.QtGui import QGuiApplication
+    from PySide6.QtWidgets import QApplication
 
-    app = QGuiApplication.instance()
+    # a QApplication (not just a QGuiApplication): the instance is process-wide, and widgets made
+    # later in the same process (the app, or tests run after this one) need the widget kind
+    app = QApplication.instance()
     if app is None:
-        app = QGuiApplication(["plot_runs"])
+        app = QApplication(["plot_runs"])
     return app
 
 
