@@ -46,19 +46,25 @@ def train_flops(cfg: ModelConfig, B, T):
     return 3 * (per_tok * B * T + attn)
 
 
-def best_of(fn, reps):
-    fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts), float(np.median(ts))
+def paired(ours, theirs, reps):
+    """Time both functions `reps` times each, interleaved (ABBA order) after one warm-up call
+    each, so that a machine that gets slower or faster during the run affects both alike.
+    Returns the two lists of seconds and the per-pair ratios."""
+    ours()
+    theirs()
+    to, tt = [], []
+    for i in range(reps):
+        order = ((ours, to), (theirs, tt)) if i % 2 == 0 else ((theirs, tt), (ours, to))
+        for fn, ts in order:
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return to, tt, [a / b for a, b in zip(to, tt)]
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--gen-tokens", type=int, default=200)
@@ -73,8 +79,13 @@ def main():
 
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, numpy {np.__version__}")
-    peak = matmul_peak()
-    print(f"measured float32 matmul peak (numpy, 1024^3): {peak:.1f} GFLOP/s")
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(1, user_api="blas"):
+        peak1 = matmul_peak()
+    with threadpool_limits(torch.get_num_threads(), user_api="blas"):
+        peak = matmul_peak()
+    print(f"measured float32 matmul peak (numpy's BLAS, 1024^3): {peak1:.1f} GFLOP/s on one thread, "
+          f"{peak:.1f} GFLOP/s on {torch.get_num_threads()} (the engine's 'peak' below)")
     hf = LlamaForCausalLM(LlamaConfig(**REF)).float()
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d, safe_serialization=True)
@@ -94,11 +105,13 @@ def main():
         hf.zero_grad(set_to_none=True)
         hf(tids, labels=tlabels).loss.backward()
 
-    o_best, o_med = best_of(ours, args.steps)
-    t_best, t_med = best_of(theirs, args.steps)
-    print(f"forward+backward {B}x{T}: numpy {o_med*1000:.0f} ms ({flops/o_med/1e9:.0f} GFLOP/s, "
-          f"{flops/o_med/1e9/peak*100:.0f}% of peak) | torch {t_med*1000:.0f} ms ({flops/t_med/1e9:.0f} GFLOP/s)")
-    print(f"RATIO train step time numpy/torch = {o_med/t_med:.2f} (target <= 1.0; best-of: {o_best/t_best:.2f})")
+    to, tt, ratios = paired(ours, theirs, args.steps)
+    o_med, t_med = float(np.median(to)), float(np.median(tt))
+    print(f"forward+backward {B}x{T}, {args.steps} steps each, interleaved: numpy {o_med*1000:.0f} ms "
+          f"({flops/o_med/1e9:.0f} GFLOP/s, {flops/o_med/1e9/peak*100:.0f}% of peak) | torch {t_med*1000:.0f} ms "
+          f"({flops/t_med/1e9:.0f} GFLOP/s)")
+    print(f"RATIO train step time numpy/torch = {o_med/t_med:.2f} (target <= 1.0; median of the per-pair ratios "
+          f"{float(np.median(ratios)):.2f}, best-of {min(to)/min(tt):.2f})")
 
     # generation: greedy with KV cache, same tokens
     prompt = list(rng.integers(0, REF["vocab_size"], 16))

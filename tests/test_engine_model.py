@@ -245,6 +245,28 @@ def test_sharded_batch_equals_single_thread(threads):
         np.testing.assert_array_equal(g_again[k], gn[k], err_msg=f"{k}: sharded gradients are not deterministic")
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_model_loss_forward_backward_match_the_plain_ops(threads):
+    """Model.loss_forward/loss_backward split the loss over the batch-row shards (one shard here
+    has no counted token at all); the loss, the counts and dlogits must equal the unsplit ops."""
+    m = _with_threads(make_model("gqa_bias_tied", seed=3), threads)
+    ids, labels = batch(m.config.vocab_size, B=5, T=7)
+    labels[4, :] = -100
+    labels[1, 3:] = -100
+    logits = m.logits(ids)
+    ref_loss, ce = ops.cross_entropy_forward(logits, labels)
+    ref_d = ops.cross_entropy_backward(ce, dtype=logits.dtype)
+    keep = logits.copy()
+    loss, lc = m.loss_forward(logits, labels)
+    np.testing.assert_array_equal(logits, keep, err_msg="overwrite_logits=False must leave the logits alone")
+    assert abs(loss - ref_loss) < 1e-12 and lc.counted == ce[5] and lc.correct == ce[6]
+    np.testing.assert_allclose(m.loss_backward(lc), ref_d, rtol=1e-12, atol=1e-15)
+    loss2, lc2 = m.loss_forward(logits, labels, overwrite_logits=True)
+    assert abs(loss2 - ref_loss) < 1e-12
+    np.testing.assert_allclose(m.loss_backward(lc2), ref_d, rtol=1e-12, atol=1e-15)
+    assert m.loss(ids, labels)[:2] == (pytest.approx(ref_loss, rel=1e-12), ce[5])
+
+
 def test_sharded_lora_step_only_adapter_grads():
     m = _with_threads(make_model("gqa_bias_tied", dtype=np.float32), 2)
     m.add_lora(LoraConfig(r=2, alpha=4.0), seed=0)

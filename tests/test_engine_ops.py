@@ -340,6 +340,36 @@ def test_cross_entropy_does_not_modify_logits(rng):
     np.testing.assert_array_equal(logits, before)
 
 
+def test_cross_entropy_inplace_denom_and_out_agree_with_the_plain_path(rng):
+    """inplace=True (softmax in the logits' memory), a shared denominator and an out= buffer are
+    memory savers only: the loss and the gradient must be the same numbers."""
+    logits = rng.standard_normal((2, 5, 6)).astype(np.float32)
+    full = rng.integers(0, 6, (2, 5))
+    loss, ce = ops.cross_entropy_forward(logits, full)
+    ref = ops.cross_entropy_backward(ce, dtype=np.float32)
+    work = logits.copy()
+    loss_ip, ce_ip = ops.cross_entropy_forward(work, full, inplace=True)
+    assert loss_ip == loss
+    d_ip = ops.cross_entropy_backward(ce_ip, dtype=np.float32, out=work)
+    assert np.shares_memory(d_ip, work), "with inplace=True and out=logits no new buffer is needed"
+    np.testing.assert_array_equal(d_ip, ref)
+    # a denominator of 3x the counted tokens scales the gradient by 1/3
+    _, ce3 = ops.cross_entropy_forward(logits, full)
+    np.testing.assert_allclose(ops.cross_entropy_backward(ce3, dtype=np.float32, denom=3 * ce3[5]), ref / 3,
+                               rtol=1e-6, atol=1e-9)
+    # partly ignored labels with inplace=True fall back to a copy, and out= gets zeros where
+    # nothing is counted even when it held garbage before
+    part = full.copy()
+    part[1, 2:] = -100
+    _, cep = ops.cross_entropy_forward(logits, part)
+    refp = ops.cross_entropy_backward(cep, dtype=np.float32)
+    work = logits.copy()
+    _, cep2 = ops.cross_entropy_forward(work, part, inplace=True)
+    np.testing.assert_array_equal(work, logits)
+    garbage = np.full(logits.shape, 7.0, np.float32)
+    np.testing.assert_array_equal(ops.cross_entropy_backward(cep2, dtype=np.float32, out=garbage), refp)
+
+
 # ----------------------------------------------------------------------------- lora
 @pytest.mark.parametrize("dropout", [0.0, 0.4])
 def test_lora_grads(rng, dropout):

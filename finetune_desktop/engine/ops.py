@@ -48,10 +48,14 @@ def rmsnorm_backward(dy, cache, need_dw=True):
 
 
 # ----------------------------------------------------------------------------- linear
-def linear_forward(x, W, b=None):
-    """x (..., in), W (out, in) [HF layout], b (out,) or None -> y (..., out)."""
+def linear_forward(x, W, b=None, out=None):
+    """x (..., in), W (out, in) [HF layout], b (out,) or None -> y (..., out).
+    `out`, a C-contiguous array of y's shape, receives the result (no new allocation)."""
     x2 = x.reshape(-1, x.shape[-1])
-    y = x2 @ W.T
+    if out is None:
+        y = x2 @ W.T
+    else:
+        y = np.matmul(x2, W.T, out=out.reshape(-1, W.shape[0]))
     if b is not None:
         y += b
     return y.reshape(*x.shape[:-1], W.shape[0]), (x, W, b is not None)
@@ -196,21 +200,38 @@ def swiglu_backward(dy, cache):
 
 
 # ----------------------------------------------------------------------------- cross entropy
-def cross_entropy_forward(logits, labels):
+def shifted_targets(labels):
+    """labels (B, T) aligned with the inputs -> targets (B, T): position t predicts labels[t + 1]."""
+    labels = np.asarray(labels)
+    targets = np.full(labels.shape, IGNORE_INDEX, dtype=np.int64)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
+def count_targets(labels) -> int:
+    """How many positions of a batch count towards the loss (after the shift)."""
+    labels = np.asarray(labels)
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def cross_entropy_forward(logits, labels, inplace=False):
     """HF causal-LM loss. logits (B, T, V), labels (B, T) aligned with the inputs: position t
     predicts labels[t + 1]; IGNORE_INDEX (-100) is skipped; mean over counted tokens.
 
     Returns (loss, cache); the cache keeps the softmax of the counted rows for the backward,
-    and cache[5], cache[6] are the counted and correctly predicted token counts."""
+    and cache[5], cache[6] are the counted and correctly predicted token counts. With
+    inplace=True the caller gives up `logits` (a C-contiguous array): when every position
+    counts, the softmax is computed in its memory instead of in a copy."""
     B, T, V = logits.shape
-    targets = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
-    targets[:, :-1] = labels[:, 1:]
-    t = targets.reshape(-1)  # (N,)
+    t = shifted_targets(labels).reshape(-1)  # (N,)
     valid = t != IGNORE_INDEX
     n = int(valid.sum())
     if n == 0:
         return 0.0, (logits.shape, valid, t[valid], None, None, 0, 0)
-    lg = logits.reshape(-1, V)[valid]  # (n, V) a copy: becomes the softmax in place
+    if inplace and n == B * T and logits.flags.c_contiguous:
+        lg = logits.reshape(-1, V)  # (n, V) a view: becomes the softmax in place
+    else:
+        lg = logits.reshape(-1, V)[valid]  # (n, V) a copy: becomes the softmax in place
     tv = t[valid]
     rows = np.arange(n)
     correct = int((lg.argmax(axis=-1) == tv).sum())
@@ -224,20 +245,31 @@ def cross_entropy_forward(logits, labels):
     return loss, (logits.shape, valid, tv, lg, None, n, correct)
 
 
-def cross_entropy_backward(cache, dtype=np.float32):
-    """-> dlogits (B, T, V) for d(loss)/d(logits) with loss as the mean over counted tokens."""
+def cross_entropy_backward(cache, dtype=np.float32, denom=None, out=None):
+    """-> dlogits (B, T, V) for d(loss)/d(logits) with loss as the mean over counted tokens.
+
+    denom: divide by this count instead of this call's own (a batch split into shards, each
+    shard's share of the mean over the whole batch). out: a C-contiguous (B, T, V) array of
+    `dtype` to write into (it may be the logits array given to the forward with inplace=True)."""
     shape, valid, tv, probs, _, n, _ = cache
     B, T, V = shape
-    dl = np.zeros((B * T, V), dtype=dtype)
+    d = n if denom is None else denom
+    if out is None and not (n and n == B * T and probs.dtype == dtype):
+        out = np.zeros(shape, dtype=dtype)
+    elif out is not None and n < B * T:
+        out.reshape(-1, V)[~valid] = 0.0
     if n:
         g = probs  # reuse the cached softmax (the cache is spent after this)
         g[np.arange(n), tv] -= 1.0
-        g *= 1.0 / n
+        g *= 1.0 / d
         if n == B * T:
-            dl = g.astype(dtype, copy=False)
+            if out is None:
+                return g.reshape(shape)
+            if not np.shares_memory(g, out):
+                out.reshape(-1, V)[...] = g
         else:
-            dl[valid] = g
-    return dl.reshape(B, T, V)
+            out.reshape(-1, V)[valid] = g
+    return out.reshape(shape)
 
 
 def token_accuracy(ce_cache):

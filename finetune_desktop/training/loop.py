@@ -31,7 +31,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..engine import ops
 from ..engine.checkpoint import read_safetensors, write_safetensors
 from ..engine.optim import AdamWConfig, adamw_init, adamw_step, clip_grads, lr_at
 from .auto import Hyperparameters
@@ -328,13 +327,13 @@ def _train(model, train_examples, valid_examples, config, hyper, run_dir, on_eve
                 if options.phase_events:
                     emit(PhaseEvent(step + 1, "loss"))
                 t1 = time.perf_counter()
-                loss, ce = ops.cross_entropy_forward(logits, b.labels)
+                loss, lc = model.loss_forward(logits, b.labels, overwrite_logits=True)
                 del logits
                 if not math.isfinite(loss):
                     raise TrainingDiverged(f"the loss became {'NaN' if math.isnan(loss) else 'infinite'}")
-                dlogits = ops.cross_entropy_backward(ce, dtype=model.dtype)
-                n_counted, n_correct = ce[5], ce[6]
-                del ce
+                dlogits = model.loss_backward(lc)
+                n_counted, n_correct = lc.counted, lc.correct
+                del lc
                 if options.phase_events:
                     emit(PhaseEvent(step + 1, "backward"))
                 t2 = time.perf_counter()
