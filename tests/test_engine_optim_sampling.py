@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from finetune_desktop.engine.optim import AdamWConfig, adamw_init, adamw_step, clip_grads, global_grad_norm, lr_at
-from finetune_desktop.engine.sampling import (apply_repetition_penalty, filter_top_k, filter_top_p, sample_next,
+from finetune_desktop.engine.sampling import (apply_repetition_penalty, filter_top_k, filter_top_p,
+                                              next_token_distribution, sample_next,
                                               softmax)
 
 
@@ -247,3 +248,36 @@ def test_sample_next_greedy_and_distribution():
     assert topk == {1, 2}
     a = [sample_next(lg, [], np.random.default_rng(5), temperature=1.0) for _ in range(3)]
     assert len(set(a)) == 1, "the same rng state gives the same choice"
+
+
+def _reference_distribution(logits, history, temperature, top_k, top_p, penalty):
+    z = apply_repetition_penalty(np.asarray(logits, dtype=np.float64), history, penalty) / temperature
+    return softmax(filter_top_p(filter_top_k(z, top_k), top_p))
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_fast_sampling_keeps_the_reference_set_probabilities_and_draws(case):
+    """next_token_distribution lists only the kept tokens and sorts only the likely ones; it must
+    give the reference pipeline's kept set and probabilities, and sample_next must draw the very
+    token rng.choice(V, p=reference) draws from the same generator state. The logits have ties
+    (rounded values), a -inf entry, and peaked and flat shapes, so the exactness checks and the
+    full-sort fallback are both exercised."""
+    rng = np.random.default_rng(case)
+    V = 3000
+    scale = [0.5, 3.0, 8.0, 1.0][case % 4]
+    lg = np.round(rng.standard_normal(V) * scale, 1).astype(np.float32)  # many exact ties
+    lg[rng.integers(0, V)] = -np.inf
+    history = rng.integers(0, V, 60).tolist()
+    settings = [(0.7, None, 0.9, 1.1), (1.0, 50, 0.95, 1.0), (1.3, None, None, 1.2), (0.5, 7, None, 1.0),
+                (2.0, None, 0.999, 1.0), (0.9, None, 1e-9, 1.3), (1.0, 2999, 0.5, 1.0), (0.3, None, 0.6, 1.0)]
+    for temperature, top_k, top_p, penalty in settings:
+        ref = _reference_distribution(lg, history, temperature, top_k, top_p, penalty)
+        ids, probs = next_token_distribution(lg, history, temperature, top_k, top_p, penalty)
+        np.testing.assert_array_equal(ids, np.flatnonzero(ref > 0), err_msg=f"kept set, {temperature, top_k, top_p}")
+        np.testing.assert_allclose(probs, ref[ids], rtol=1e-12, atol=0)
+        for seed in range(20):
+            want = int(np.random.default_rng(seed).choice(V, p=ref))
+            got = sample_next(lg, history, np.random.default_rng(seed), temperature=temperature, top_k=top_k,
+                              top_p=top_p, repetition_penalty=penalty)
+            assert got == want, f"seed {seed}, {temperature, top_k, top_p, penalty}: drew {got}, rng.choice drew {want}"
+

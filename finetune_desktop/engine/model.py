@@ -11,6 +11,7 @@ H query heads, KVH key/value heads, G = H // KVH, hd head dim.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import threading
@@ -616,6 +617,7 @@ class Model:
             cos_all, sin_all = ops.rope_tables(self.config.inv_freq(), np.arange(total), self.dtype)
             history = list(prompt)
             stops = set(int(s) for s in stop_ids)
+            bufs = self._decode_buffers()
             for _ in range(max_new_tokens):
                 nxt = sample_next(last, history, rng, temperature=temperature, top_k=top_k,
                                   top_p=top_p, repetition_penalty=repetition_penalty)
@@ -625,7 +627,7 @@ class Model:
                 history.append(nxt)
                 if len(history) >= total:
                     return  # max_new_tokens reached: no need to run the model once more
-                last = self._decode_one(nxt, cache, packed, cos_all[cache.length], sin_all[cache.length])
+                last = self._decode_one(nxt, cache, packed, cos_all[cache.length], sin_all[cache.length], bufs)
         finally:
             self.params, self.lora = saved, saved_lora
             self._fuse_cache.clear()
@@ -647,10 +649,22 @@ class Model:
         return packed
 
     def _pack_for_decoding(self):
-        """Weights for the one-token decode path, built once per generate call: projections that
-        share an input fused and transposed for x @ W, with the RMSNorm weight folded into the
-        rows of the matrix that follows it (so a norm costs one scalar)."""
+        """Weights for the one-token decode path, built once and reused while the weights are
+        unchanged. Every matrix is transposed for x @ W and gets its bias as one extra row (the
+        input vectors end in a constant 1), so a projection with its bias is one call. Folded in:
+        each RMSNorm weight into the rows of the matrix that follows it (a norm costs one scalar),
+        the attention scale 1/sqrt(hd) into the query columns, and a factor 1/2 into the gate
+        columns (SiLU is computed as g/2 * (1 + tanh(g/2)), which cannot overflow)."""
         p, cfg = self.params, self.config
+        C, dt = cfg.hidden_size, self.dtype
+        nq = cfg.num_attention_heads * cfg.hd
+
+        def with_bias(Wt, b):  # Wt (in, out), b (out,) or None -> (in + 1, out)
+            out = np.empty((Wt.shape[0] + 1, Wt.shape[1]), dt)
+            out[:-1] = Wt
+            out[-1] = 0.0 if b is None else b
+            return out
+
         layers = []
         for l in range(cfg.num_hidden_layers):
             pre = f"model.layers.{l}."
@@ -658,66 +672,75 @@ class Model:
             Wgu, bgu = self._fused((pre + "mlp.gate_proj", pre + "mlp.up_proj"))
             wn1 = p[pre + "input_layernorm.weight"][:, None]
             wn2 = p[pre + "post_attention_layernorm.weight"][:, None]
-            layers.append((np.ascontiguousarray(Wqkv.T * wn1), bqkv,
-                           np.ascontiguousarray(p[pre + "self_attn.o_proj.weight"].T), p.get(pre + "self_attn.o_proj.bias"),
-                           np.ascontiguousarray(Wgu.T * wn2), bgu,
-                           np.ascontiguousarray(p[pre + "mlp.down_proj.weight"].T), p.get(pre + "mlp.down_proj.bias")))
+            A = with_bias(Wqkv.T * wn1, bqkv)
+            A[:, :nq] *= 1.0 / np.sqrt(cfg.hd)
+            GU = with_bias(Wgu.T * wn2, bgu)
+            GU[:, :Wgu.shape[0] // 2] *= 0.5
+            layers.append((A, with_bias(p[pre + "self_attn.o_proj.weight"].T, p.get(pre + "self_attn.o_proj.bias")),
+                           GU, with_bias(p[pre + "mlp.down_proj.weight"].T, p.get(pre + "mlp.down_proj.bias"))))
         W_out = p["model.embed_tokens.weight"] if cfg.tie_word_embeddings else p["lm_head.weight"]
         W_out = np.ascontiguousarray(W_out * p["model.norm.weight"][None, :])
         hd = cfg.hd
         half = hd // 2
         perm = np.concatenate([np.arange(half, hd), np.arange(half)])
-        sign = np.concatenate([-np.ones(half), np.ones(half)]).astype(self.dtype)
+        sign = np.concatenate([-np.ones(half), np.ones(half)]).astype(dt)
         return layers, W_out, perm, sign
 
-    def _decode_one(self, token: int, cache: KVCache, packed, cos, sin):
+    def _decode_buffers(self):
+        """Input vectors of the decode path's projections, each ending in the constant 1 that
+        multiplies the bias row: normed hidden (C+1), attention output (H*hd+1), SwiGLU (I+1)."""
+        cfg = self.config
+        bufs = []
+        for n in (cfg.hidden_size, cfg.num_attention_heads * cfg.hd, cfg.intermediate_size):
+            b = np.empty(n + 1, self.dtype)
+            b[n] = 1.0
+            bufs.append(b)
+        return bufs
+
+    def _decode_one(self, token: int, cache: KVCache, packed, cos, sin, bufs=None):
         """One new token through all layers with the KV cache -> next-token logits (V,).
-        A lean path of the same maths as forward() (tests check they agree)."""
+        A lean path of the same maths as forward() (tests check they agree): about 25 numpy
+        calls per layer, because at one token per step the call overhead is what is left
+        besides reading the weights."""
         cfg = self.config
         layers, W_out, perm, sign = packed
-        eps = cfg.rms_norm_eps
+        h, ao, act = bufs if bufs is not None else self._decode_buffers()
+        C, I = cfg.hidden_size, cfg.intermediate_size
+        eps, inv_c = cfg.rms_norm_eps, 1.0 / cfg.hidden_size
         KVH, hd, H = cfg.n_kv_heads, cfg.hd, cfg.num_attention_heads
         G = H // KVH
-        C = cfg.hidden_size
         nq, nkv = H * hd, KVH * hd
+        hC, aoq, actI = h[:C], ao[:nq].reshape(KVH, G, hd), act[:I]
         pos = cache.length
         S = pos + 1
         s0 = 0 if cfg.sliding_window is None else max(0, S - cfg.sliding_window)
-        scale = 1.0 / np.sqrt(hd)
         sin_s = sin * sign  # rotate_half(x) * sin == x[perm] * (sign * sin)
         x = self.params["model.embed_tokens.weight"][token].copy()  # (C,)
-        for l, (Wqkv, bqkv, Wo, bo, Wgu, bgu, Wd, bd) in enumerate(layers):
-            qkv = (x @ Wqkv) * (1.0 / np.sqrt(np.dot(x, x) / C + eps))  # norm folded into Wqkv
-            if bqkv is not None:
-                qkv += bqkv
+        for l, (A, O, GU, D) in enumerate(layers):
+            np.multiply(x, 1.0 / math.sqrt(float(x @ x) * inv_c + eps), out=hC)  # RMSNorm (weight in A)
+            qkv = h @ A  # q (pre-scaled), k, v with biases
             qk = qkv[:nq + nkv].reshape(H + KVH, hd)
             qk = qk * cos + qk[:, perm] * sin_s  # RoPE on all query and key heads at once
-            q = qk[:H].reshape(KVH, G, hd)
             kc, vc = cache.k[l][0], cache.v[l][0]  # (KVH, S_max, hd)
             kc[:, pos] = qk[H:]
             vc[:, pos] = qkv[nq + nkv:].reshape(KVH, hd)
-            att = q @ kc[:, s0:S].swapaxes(-1, -2)  # (KVH, G, S)
-            att *= scale
+            att = qk[:H].reshape(KVH, G, hd) @ kc[:, s0:S].swapaxes(-1, -2)  # (KVH, G, S)
             att -= att.max(axis=-1, keepdims=True)
             np.exp(att, out=att)
             att /= att.sum(axis=-1, keepdims=True)
-            o = (att @ vc[:, s0:S]).reshape(nq) @ Wo
-            if bo is not None:
-                o += bo
-            x += o
-            gu = (x @ Wgu) * (1.0 / np.sqrt(np.dot(x, x) / C + eps))
-            if bgu is not None:
-                gu += bgu
-            I = gu.shape[0] // 2
-            g = gu[:I]
-            with np.errstate(over="ignore"):
-                act = g / (1.0 + np.exp(-g)) * gu[I:]
-            d = act @ Wd
-            if bd is not None:
-                d += bd
-            x += d
+            np.matmul(att, vc[:, s0:S], out=aoq)
+            x += ao @ O
+            np.multiply(x, 1.0 / math.sqrt(float(x @ x) * inv_c + eps), out=hC)
+            gu = h @ GU  # gate/2 and up, with biases
+            g2 = gu[:I]
+            np.tanh(g2, out=actI)  # silu(g) = g/2 * (1 + tanh(g/2))
+            actI += 1.0
+            actI *= g2
+            actI *= gu[I:]
+            x += act @ D
         cache.length = S
-        return (W_out @ x) * (1.0 / np.sqrt(np.dot(x, x) / C + eps))  # (V,)
+        x *= 1.0 / math.sqrt(float(x @ x) * inv_c + eps)
+        return W_out @ x  # (V,)
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, folder, dtype: str = "F32", extra_files: dict[str, bytes] | None = None) -> None:
