@@ -129,7 +129,8 @@ def attention_forward(q, k, v, mask_bias, block=ATTN_BLOCK):
     -> out (B, KVH, G, T, hd). The G query heads that share a KV head are stacked into one
     matrix (G*T rows), so each KV head needs one matmul and no K/V copies. Queries go in blocks
     of `block`; block i only looks at keys up to its last query's position (the rest are masked
-    by causality), which saves almost half the work on long sequences."""
+    by causality), which saves almost half the work on long sequences. The scale 1/sqrt(hd)
+    is applied to the queries (T x hd numbers) rather than to the scores (T x S)."""
     B, KVH, G, T, hd = q.shape
     S = k.shape[2]
     scale = 1.0 / np.sqrt(hd)
@@ -138,10 +139,9 @@ def attention_forward(q, k, v, mask_bias, block=ATTN_BLOCK):
     for qs in range(0, T, block):
         qe = min(T, qs + block)
         n, ke = qe - qs, S - T + qe  # queries in this block; keys they can see
-        qb = np.ascontiguousarray(q[:, :, :, qs:qe]).reshape(B, KVH, G * n, hd)
+        qb = np.multiply(q[:, :, :, qs:qe], q.dtype.type(scale)).reshape(B, KVH, G * n, hd)  # a scaled copy
         kb, vb = k[:, :, :ke], v[:, :, :ke]
         att = qb @ kb.swapaxes(-1, -2)  # (B, KVH, G*n, ke)
-        att *= scale
         att = att.reshape(B, KVH, G, n, ke)
         att += mask_bias[:, :, None, qs:qe, :ke]  # broadcast over KVH and G
         att -= att.max(axis=-1, keepdims=True)
@@ -150,12 +150,15 @@ def attention_forward(q, k, v, mask_bias, block=ATTN_BLOCK):
         p = att.reshape(B, KVH, G * n, ke)
         out[:, :, :, qs:qe] = (p @ vb).reshape(B, KVH, G, n, hd)
         blocks.append((qs, qe, ke, qb, p))
-    return out, (k, v, blocks, scale, G)
+    return out, (k, v, blocks, scale, G, out)
 
 
 def attention_backward(dout, cache):
-    """-> dq (B, KVH, G, T, hd), dk, dv (B, KVH, S, hd)."""
-    k, v, blocks, scale, G = cache
+    """-> dq (B, KVH, G, T, hd), dk, dv (B, KVH, S, hd).
+
+    Softmax backward needs, per query, sum_j p_j * dp_j with dp_j = dout . v_j; that sum equals
+    dout . out (out = sum_j p_j v_j), a dot product of hd numbers instead of S."""
+    k, v, blocks, scale, G, out = cache
     B, KVH, S, hd = k.shape
     dq = np.empty(dout.shape, dtype=dout.dtype)  # (B, KVH, G, T, hd)
     dk = np.zeros_like(k)
@@ -163,13 +166,12 @@ def attention_backward(dout, cache):
     for qs, qe, ke, qb, p in blocks:
         n = qe - qs
         do = np.ascontiguousarray(dout[:, :, :, qs:qe]).reshape(B, KVH, G * n, hd)
+        rowdot = np.einsum("bkgtd,bkgtd->bkgt", dout[:, :, :, qs:qe], out[:, :, :, qs:qe]).reshape(B, KVH, G * n, 1)
         dv[:, :, :ke] += p.swapaxes(-1, -2) @ do  # summed over the G heads
         dp = do @ v[:, :, :ke].swapaxes(-1, -2)  # (B, KVH, G*n, ke)
-        # softmax backward: ds = p * (dp - sum(dp * p))
-        dp -= np.einsum("bkrs,bkrs->bkr", dp, p)[..., None]
+        dp -= rowdot  # softmax backward: ds = p * (dp - sum(dp * p)), scores were of the scaled q
         dp *= p
-        dp *= scale
-        dq[:, :, :, qs:qe] = (dp @ k[:, :, :ke]).reshape(B, KVH, G, n, hd)
+        dq[:, :, :, qs:qe] = ((dp @ k[:, :, :ke]) * dout.dtype.type(scale)).reshape(B, KVH, G, n, hd)
         dk[:, :, :ke] += dp.swapaxes(-1, -2) @ qb
     return dq, dk, dv
 
