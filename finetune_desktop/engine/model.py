@@ -684,7 +684,7 @@ class Model:
         half = hd // 2
         perm = np.concatenate([np.arange(half, hd), np.arange(half)])
         sign = np.concatenate([-np.ones(half), np.ones(half)]).astype(dt)
-        return layers, W_out, perm, sign
+        return layers, W_out, perm, sign, np.arange(hd)
 
     def _decode_buffers(self):
         """Input vectors of the decode path's projections, each ending in the constant 1 that
@@ -703,7 +703,7 @@ class Model:
         calls per layer, because at one token per step the call overhead is what is left
         besides reading the weights."""
         cfg = self.config
-        layers, W_out, perm, sign = packed
+        layers, W_out, perm, sign, idx = packed
         h, ao, act = bufs if bufs is not None else self._decode_buffers()
         C, I = cfg.hidden_size, cfg.intermediate_size
         eps, inv_c = cfg.rms_norm_eps, 1.0 / cfg.hidden_size
@@ -714,13 +714,16 @@ class Model:
         pos = cache.length
         S = pos + 1
         s0 = 0 if cfg.sliding_window is None else max(0, S - cfg.sliding_window)
-        sin_s = sin * sign  # rotate_half(x) * sin == x[perm] * (sign * sin)
+        # RoPE at this position as one (hd, hd) matrix, shared by every layer and head:
+        # x * cos + rotate_half(x) * sin == x @ R, with rotate_half(x) == x[perm] * sign
+        R = np.zeros((hd, hd), self.dtype)
+        R[idx, idx] = cos
+        R[perm, idx] = sign * sin
         x = self.params["model.embed_tokens.weight"][token].copy()  # (C,)
         for l, (A, O, GU, D) in enumerate(layers):
             np.multiply(x, 1.0 / math.sqrt(float(x @ x) * inv_c + eps), out=hC)  # RMSNorm (weight in A)
             qkv = h @ A  # q (pre-scaled), k, v with biases
-            qk = qkv[:nq + nkv].reshape(H + KVH, hd)
-            qk = qk * cos + qk[:, perm] * sin_s  # RoPE on all query and key heads at once
+            qk = qkv[:nq + nkv].reshape(H + KVH, hd) @ R  # RoPE on all query and key heads at once
             kc, vc = cache.k[l][0], cache.v[l][0]  # (KVH, S_max, hd)
             kc[:, pos] = qk[H:]
             vc[:, pos] = qkv[nq + nkv:].reshape(KVH, hd)
