@@ -173,6 +173,41 @@ def test_lora_gradients_only_adapters(dropout):
         np.testing.assert_array_equal(v, base_before[k], err_msg=f"{k} changed")
 
 
+def test_lora_merged_forward_equals_the_adapter_path(monkeypatch):
+    """With no dropout, a long enough batch folds scale * B @ A into the weights for the step; the
+    loss, logits and adapter gradients must equal the separate adapter path's."""
+    m = make_model("gqa_bias_tied", dtype=np.float64, seed=5)
+    m.add_lora(LoraConfig(r=3, alpha=6.0, target_modules=("q_proj", "v_proj", "up_proj", "down_proj")), seed=2)
+    rng = np.random.default_rng(8)
+    for k, v in m.lora.items():
+        if ".lora_B." in k:
+            v[...] = 0.3 * rng.standard_normal(v.shape)
+    ids, labels = batch(m.config.vocab_size, B=4, T=9)
+    assert m._lora_effective_weights(ids.size, train=True) is not None, "this batch should take the merged path"
+    loss_m, grads_m = m.loss_and_grads(ids, labels, train=True)
+    logits_m = m.logits(ids)
+    monkeypatch.setattr(Model, "_lora_effective_weights", lambda self, n, train: None)
+    loss_a, grads_a = m.loss_and_grads(ids, labels, train=True)
+    assert abs(loss_m - loss_a) < 1e-12
+    np.testing.assert_allclose(logits_m, m.logits(ids), rtol=1e-12, atol=1e-12)
+    assert set(grads_m) == set(grads_a) == set(m.lora)
+    for k in grads_a:
+        assert _rel(grads_m[k], grads_a[k]) < 1e-10, k
+
+
+def test_lora_merge_is_skipped_when_it_costs_more_than_it_saves():
+    """A few tokens through a large layer: merging every weight would cost more than the adapters."""
+    cfg = ModelConfig(vocab_size=64, hidden_size=256, intermediate_size=1024, num_hidden_layers=1,
+                      num_attention_heads=4, tie_word_embeddings=True)
+    m = Model.from_config(cfg, seed=0)
+    m.add_lora(LoraConfig(r=8, alpha=16.0), seed=0)
+    assert m._lora_effective_weights(4, train=True) is None
+    assert m._lora_effective_weights(4096, train=True) is not None
+    m.add_lora(LoraConfig(r=8, alpha=16.0, dropout=0.1), seed=0)
+    assert m._lora_effective_weights(4096, train=True) is None, "dropout on the adapter input cannot be merged"
+    assert m._lora_effective_weights(4096, train=False) is not None, "evaluation has no dropout"
+
+
 def test_lora_does_not_allocate_full_size_weight_gradients():
     """A frozen (V, C) embedding is 12.8 MB here; activations for 8 tokens are tiny. If the backward
     computed the embedding/lm_head gradient (or any full-size weight gradient), the traced peak
