@@ -1,7 +1,8 @@
 """Peak-memory estimate for a training run, checked before it starts.
 
 The estimate adds up, in bytes (float32 = 4 bytes):
-  weights           all parameters (+ one merged copy when the model is saved)
+  weights           all parameters (+ one merged copy when the model is saved; with LoRA one more,
+                    the weights with the adapters folded in for the step)
   trainable state   trainable params x 3 (gradients, AdamW m and v) + W0 copies for the weights view
   activations       what the forward keeps for the backward, for the largest batch (B, T):
                     per layer about (12 C + 6 I) B T floats + the attention probabilities
@@ -65,6 +66,8 @@ def estimate_peak_memory(cfg: ModelConfig, num_params: int, trainable_params: in
     H, L = cfg.num_attention_heads, cfg.num_hidden_layers
     f = 4
     weights = num_params * f * 2  # the weights + one merged copy while saving
+    if not full:
+        weights += num_params * f  # LoRA: the step's weights with the adapters folded in (Model._lora_effective_weights)
     state = trainable_params * f * 3
     if full:
         state += num_params * f  # W0 copies for the change-since-start view
