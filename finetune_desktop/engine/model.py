@@ -751,7 +751,7 @@ class Model:
             layers.append((A, with_bias(p[pre + "self_attn.o_proj.weight"].T, p.get(pre + "self_attn.o_proj.bias")),
                            GU, with_bias(p[pre + "mlp.down_proj.weight"].T, p.get(pre + "mlp.down_proj.bias"))))
         W_out = p["model.embed_tokens.weight"] if cfg.tie_word_embeddings else p["lm_head.weight"]
-        W_out = np.ascontiguousarray(W_out * p["model.norm.weight"][None, :])
+        W_out = np.ascontiguousarray((W_out * p["model.norm.weight"][None, :]).T)  # (C, V): x @ W streams rows
         hd = cfg.hd
         half = hd // 2
         perm = np.concatenate([np.arange(half, hd), np.arange(half)])
@@ -815,7 +815,7 @@ class Model:
             x += act @ D
         cache.length = S
         x *= 1.0 / math.sqrt(float(x @ x) * inv_c + eps)
-        return W_out @ x  # (V,)
+        return x @ W_out  # (V,)
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, folder, dtype: str = "F32", extra_files: dict[str, bytes] | None = None) -> None:
