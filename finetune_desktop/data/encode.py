@@ -802,6 +802,8 @@ class StreamEncoder:
         self.rules = _SplitRules.make(self.backend) if shortcuts else None
         self.split = self.rules is not None                          # tokenize in pieces where a layout allows
         self.bytes = _ByteLengths.get(self.backend) if shortcuts else None  # token positions from the ids
+        self.trained_tokens = 0            # of the examples kept: tokens the loss counts
+        self.kept_tokens = 0               # ... and all their tokens (after truncation)
         self.split_examples = 0            # examples encoded from pieces
         self.byte_examples = 0             # examples whose labels came from token lengths
         self._off = False                  # a check disagreed: no shortcuts any more
@@ -1096,19 +1098,35 @@ class StreamEncoder:
         max_len = self.max_seq_len
         examples = self.examples
         lengths_out = self.lengths_out
+        if lengths_out is not None:
+            lengths_out.extend(sizes.tolist())
+        kept = trained > 0
+        self.trained_tokens += int(trained.sum())
+        self.kept_tokens += int(keep[kept].sum())
         for (conv, _, _), n, b, k, t in zip(ch.items, sizes.tolist(), base.tolist(), keep.tolist(), trained.tolist()):
-            if lengths_out is not None:
-                lengths_out.append(n)
-            if n < 0:
-                continue
             if t == 0:
-                if k < n:
+                if 0 <= k < n:
                     self.emit(Issue(conv.line, None, f"{n} tokens: after truncation to {max_len} "
                                                      f"tokens no assistant tokens are left, so the example is skipped",
                                     "warning", "dropped"))
                 continue
-            examples.append(EncodedExample(flat[b:b + k], labels[b:b + k], conv.line, n - k))
+            examples.append(_example(flat[b:b + k], labels[b:b + k], conv.line, n - k))
         self.split_examples += sum(1 for m in ch.nrefs[:n_items] if m > 1)
+
+
+def _example(input_ids, labels, line: int, truncated_by: int) -> EncodedExample:
+    """EncodedExample(...), without the frozen dataclass __init__'s overhead (the same fields, set
+    the same way; there is no __post_init__)."""
+    ex = _new(EncodedExample)
+    _set(ex, "input_ids", input_ids)
+    _set(ex, "labels", labels)
+    _set(ex, "line", line)
+    _set(ex, "truncated_by", truncated_by)
+    return ex
+
+
+_new = object.__new__
+_set = object.__setattr__
 
 
 class _Chunk:
