@@ -860,7 +860,7 @@ class StreamEncoder:
         convs, self._buf = self._buf, []
         ch = _Chunk()
         texts, index, consts, const_ref, need = ch.texts, ch.index, ch.consts, ch.const_ref, ch.need
-        items, refs_out, nrefs = ch.items, ch.refs, ch.nrefs
+        items, refs_out, nrefs, byte_spans, slow = ch.items, ch.refs, ch.nrefs, ch.byte_spans, ch.slow
         shadows = []   # (position of an example to check, its whole text)
         by_bytes = self.bytes
         render = self.finder.render
@@ -877,7 +877,7 @@ class StreamEncoder:
             except Exception as e:  # noqa: BLE001 - untrusted Jinja
                 self.emit(Issue(conv.line, None, f"the chat template failed on this example: {e}", "error",
                                 "template_error"))
-                items.append((conv, None, None))
+                items.append((conv, None))
                 nrefs.append(0)
                 continue
             if layout is None:
@@ -886,10 +886,10 @@ class StreamEncoder:
                     k = index[text] = len(texts)
                     texts.append(text)
                     need.append(False)
-                bspans = None
-                if spans and not need[k]:
-                    if by_bytes is not None and by_bytes.usable(text):
-                        bspans = by_bytes.spans(text, spans)
+                if spans:
+                    if not need[k] and by_bytes is not None and by_bytes.usable(text):
+                        for sp in by_bytes.spans(text, spans):
+                            byte_spans += (len(items), *sp)
                         ch.shortcuts = True
                         ch.byte_examples += 1
                         if not self._first_whole_checked or self._check_now():
@@ -897,8 +897,9 @@ class StreamEncoder:
                             shadows.append((len(items), whole))
                     else:
                         need[k] = True
+                        slow.append(len(items))
                 refs_out.append(k)
-                items.append((conv, spans, bspans))
+                items.append((conv, spans))
                 nrefs.append(1)
                 continue
             pieces, spans, trained, bspans = layout.pieces(msgs, by_bytes is not None)
@@ -925,18 +926,25 @@ class StreamEncoder:
                 refs_out.append(k)
                 m += 1
             nrefs.append(m)
-            if spans and bspans is not None:
-                ch.byte_examples += 1
+            if spans:
+                if bspans is not None:
+                    for sp in bspans:
+                        byte_spans += (len(items), *sp)
+                    ch.byte_examples += 1
+                else:
+                    slow.append(len(items))
             if not layout.verified or self._check_now():
                 layout.verified = True
                 shadows.append((len(items), whole if whole[0] is not None else _assemble(plan, msgs)))
-            items.append((conv, spans, bspans))
+            items.append((conv, spans))
         n_items = len(items)
         for pos, (text, spans) in shadows:  # the checked examples again, tokenized whole with offsets, at the end
             refs_out.append(len(texts))
             texts.append(text)
             need.append(True)
-            items.append((None, spans, None))
+            if spans:
+                slow.append(len(items))
+            items.append((None, spans))
             nrefs.append(1)
         ch.checks = [(pos, n_items + i) for i, (pos, _) in enumerate(shadows)]
         # several texts to a tokenizer input: checked along with the other shortcuts, so only with them
@@ -1004,86 +1012,66 @@ class StreamEncoder:
             sizes[ok] = 0
 
         # trained spans -> token ranges [k0, stop) in the chunk
-        range_starts: list[int] = []
-        range_stops: list[int] = []
+        range_starts: list = []
+        range_stops: list = []
         by_bytes = self.bytes
-        byte_rows: list[tuple] = []   # (first token, end token, span in bytes): examples labelled by token lengths
-        slow: list[tuple] = []        # (first token, tokens, first piece, pieces, spans): labelled through offsets
-        tok_base = 0
-        for (conv, spans, bspans), f, m, size in zip(ch.items, first.tolist(), ch.nrefs, sizes.tolist()):
-            if spans:
-                if bspans is not None and by_bytes is not None:
-                    for sp in bspans:
-                        byte_rows.append((tok_base, tok_base + size, *sp))
+        pos = np.maximum(sizes, 0)
+        ex_base = np.cumsum(pos) - pos                     # each example's first token in the chunk
+        slow = list(ch.slow)                               # examples labelled through offsets
+        if ch.byte_spans:                                  # the others, all at once from the token lengths
+            rows = np.array(ch.byte_spans, dtype=np.int64).reshape(-1, 4)
+            if by_bytes is not None:
+                try:
+                    e = rows[:, 0]
+                    k0, stop = _byte_ranges(flat, ex_base[e], ex_base[e] + pos[e], rows[:, 1], rows[:, 2],
+                                            rows[:, 3], by_bytes.array, self.eot)
+                except LookupError:  # a token that is not byte-level: through the offsets instead
+                    by_bytes = None
                 else:
-                    slow.append((tok_base, size, f, m, spans))
-            if m:
-                tok_base += size
-        if byte_rows:
-            try:
-                k0, stop = _byte_ranges(flat, np.array(byte_rows, dtype=np.int64), by_bytes.array, self.eot)
-            except LookupError:  # a token that is not byte-level: through the offsets instead
-                slow += self._byte_rows(ch, sizes, first)
-                by_bytes = None
-            else:
-                keep_rows = stop > k0
-                range_starts.extend(k0[keep_rows].tolist())
-                range_stops.extend(stop[keep_rows].tolist())
+                    kept = stop > k0
+                    range_starts.append(k0[kept])
+                    range_stops.append(stop[kept])
+            if by_bytes is None:
+                slow += sorted(set(rows[:, 0].tolist()))
         if slow:
             texts = ch.texts
-            chars = [len(t) for t in texts] + [len(c.text) for c in consts]
+            n_texts = len(texts)
             ending_by, starting_before = _piece_counts(tok, texts, ch.need, consts, self.backend, by_bytes)
-            seg_dst_l, refs_l, seg_len_l = seg_dst.tolist(), refs.tolist(), seg_len.tolist()
             eot = self.eot
-            for tok_base, size, f, m, spans in slow:
-                if m == 1:
-                    r = refs_l[f]
-                    for start, cend, tend in spans:
-                        k0 = tok_base + ending_by(r, start)
-                        kc = tok_base + starting_before(r, cend)
-                        ke = tok_base + starting_before(r, max(tend, cend))
-                        stop = _stop(flat, kc, ke, tok_base + size, eot)
-                        if stop > k0:
-                            range_starts.append(k0)
-                            range_stops.append(stop)
-                    continue
+            starts_l, stops_l = [], []
+            for x in slow:
+                tok_base, size, f, m, spans = int(ex_base[x]), int(sizes[x]), int(first[x]), ch.nrefs[x], ch.items[x][1]
+                refs_l = refs[f:f + m].tolist()
+                seg_dst_l = seg_dst[f:f + m].tolist()
+                seg_len_l = seg_len[f:f + m].tolist()
                 cs = [0]                       # first character of each piece of this example
-                for r in refs_l[f:f + m - 1]:
-                    cs.append(cs[-1] + chars[r])
+                for r in refs_l[:-1]:
+                    cs.append(cs[-1] + (len(texts[r]) if r < n_texts else len(consts[r - n_texts].text)))
                 for start, cend, tend in spans:
                     i = bisect_right(cs, start) - 1   # the first token that ends after the reply starts
-                    k0 = seg_dst_l[f + i] + ending_by(refs_l[f + i], start - cs[i])
+                    k0 = seg_dst_l[i] + ending_by(refs_l[i], start - cs[i])
                     kc = ke = 0                # the first tokens that start at or after the reply's / turn's end
                     for c in (cend, max(tend, cend)):
                         i = bisect_right(cs, c) - 1
                         k = None
                         if i and c == cs[i]:   # at a piece's edge: the one before may end in empty tokens
-                            k = starting_before(refs_l[f + i - 1], c - cs[i - 1])
-                            k = seg_dst_l[f + i - 1] + k if k < seg_len_l[f + i - 1] else None
+                            k = starting_before(refs_l[i - 1], c - cs[i - 1])
+                            k = seg_dst_l[i - 1] + k if k < seg_len_l[i - 1] else None
                         if k is None:
-                            k = seg_dst_l[f + i] + starting_before(refs_l[f + i], c - cs[i])
+                            k = seg_dst_l[i] + starting_before(refs_l[i], c - cs[i])
                         kc, ke = ke, k
                     stop = _stop(flat, kc, ke, tok_base + size, eot)
                     if stop > k0:
-                        range_starts.append(k0)
-                        range_stops.append(stop)
-        mark = np.bincount(np.array(range_starts, dtype=np.int64), minlength=total + 1)[:total + 1] - \
-            np.bincount(np.array(range_stops, dtype=np.int64), minlength=total + 1)[:total + 1]
+                        starts_l.append(k0)
+                        stops_l.append(stop)
+            range_starts.append(np.array(starts_l, dtype=np.int64))
+            range_stops.append(np.array(stops_l, dtype=np.int64))
+        range_starts = np.concatenate(range_starts) if range_starts else np.zeros(0, dtype=np.int64)
+        range_stops = np.concatenate(range_stops) if range_stops else np.zeros(0, dtype=np.int64)
+        mark = np.bincount(range_starts, minlength=total + 1)[:total + 1] - \
+            np.bincount(range_stops, minlength=total + 1)[:total + 1]
         labels = np.where(np.cumsum(mark[:total], dtype=np.int32) > 0, flat, np.int32(IGNORE_INDEX))
         return flat, labels, sizes
-
-    @staticmethod
-    def _byte_rows(ch: "_Chunk", sizes, first) -> list[tuple]:
-        """(first token, tokens, first piece, pieces, spans) of the examples meant to be labelled
-        by token lengths."""
-        out = []
-        tok_base = 0
-        for (conv, spans, bspans), f, m, size in zip(ch.items, first.tolist(), ch.nrefs, sizes.tolist()):
-            if spans and bspans is not None:
-                out.append((tok_base, size, f, m, spans))
-            if m:
-                tok_base += size
-        return out
 
     def _keep(self, ch: "_Chunk", flat, labels, sizes) -> None:
         """Truncate, count the trained tokens, keep the examples that have some; report the rest."""
@@ -1103,7 +1091,7 @@ class StreamEncoder:
         kept = trained > 0
         self.trained_tokens += int(trained.sum())
         self.kept_tokens += int(keep[kept].sum())
-        for (conv, _, _), n, b, k, t in zip(ch.items, sizes.tolist(), base.tolist(), keep.tolist(), trained.tolist()):
+        for (conv, _), n, b, k, t in zip(ch.items, sizes.tolist(), base.tolist(), keep.tolist(), trained.tolist()):
             if t == 0:
                 if 0 <= k < n:
                     self.emit(Issue(conv.line, None, f"{n} tokens: after truncation to {max_len} "
@@ -1131,12 +1119,14 @@ _set = object.__setattr__
 
 class _Chunk:
     """One chunk on its way: the texts to tokenize (each once; `need`: with offsets), the fixed
-    pieces, and for each example its conversation, trained spans and pieces (refs: i >= 0 is
-    texts[i], i < 0 is consts[-1 - i]; nrefs pieces per example, 0 where the template failed).
-    `checks` pairs an example with a copy of it tokenized whole, with offsets (added at the end)."""
+    pieces, and for each example (items) its conversation and trained spans, and its pieces
+    (refs: i >= 0 is texts[i], i < 0 is consts[-1 - i]; nrefs pieces per example, 0 where the
+    template failed). The trained spans are found from the token lengths (byte_spans: example,
+    start, reply end, turn end in bytes, flat) or through offsets (slow: the examples). `checks`
+    pairs an example with a copy of it tokenized whole, with offsets (added at the end)."""
 
     __slots__ = ("texts", "need", "index", "consts", "const_ref", "items", "refs", "nrefs", "checks", "fut",
-                 "shortcuts", "byte_examples")
+                 "shortcuts", "byte_examples", "byte_spans", "slow")
 
     def __init__(self):
         self.texts: list[str] = []
@@ -1151,43 +1141,47 @@ class _Chunk:
         self.fut = None
         self.shortcuts = False   # some example is made of pieces, or its labels come from token lengths
         self.byte_examples = 0   # examples whose labels come from token lengths
+        self.byte_spans: list[int] = []
+        self.slow: list[int] = []
 
     def as_whole(self, render) -> "_Chunk":
         """The same examples, each rendered again (render(conv) -> (text, spans)) and tokenized
         whole, with offsets where it has trained text."""
         out = _Chunk()
         n_items = len(self.items) - len(self.checks)
-        for (conv, _, _), m in zip(self.items[:n_items], self.nrefs):
+        for (conv, _), m in zip(self.items[:n_items], self.nrefs):
             if m == 0:
-                out.items.append((conv, None, None))
+                out.items.append((conv, None))
                 out.nrefs.append(0)
                 continue
             text, spans = render(conv)
             out.refs.append(len(out.texts))
             out.texts.append(text)
             out.need.append(bool(spans))
-            out.items.append((conv, spans, None))
+            if spans:
+                out.slow.append(len(out.items))
+            out.items.append((conv, spans))
             out.nrefs.append(1)
         return out
 
 
-def _byte_ranges(flat, rows, lengths, eot: frozenset):
+def _byte_ranges(flat, first, last, start, cend, tend, lengths, eot: frozenset):
     """Token ranges [k0, stop) of trained spans, all at once, for examples whose token offsets
-    follow from the token lengths in bytes (_ByteLengths): rows are (first token, end token, reply
-    start, reply end, turn end) with the positions in bytes from the example's start. The same
-    numbers as _ranges_from_offsets: k0 the first token ending after the reply starts, then up to
-    the first end-of-turn token among those from the reply's end to the turn's end (_stop)."""
+    follow from the token lengths in bytes (_ByteLengths). Per span: its example's tokens are
+    flat[first:last]; the reply starts at byte `start` and ends at `cend` of the example's text,
+    its turn at `tend`. The same numbers as _ranges_from_offsets: k0 the first token ending after
+    the reply starts, then up to the first end-of-turn token among those from the reply's end to
+    the turn's end (_stop)."""
     tb = lengths[flat]
     if tb.size and tb.min() < 0:
         raise LookupError("a token that is not byte-level")
     ends = np.cumsum(tb)
     starts = ends - tb
-    first, last = rows[:, 0], rows[:, 1]
     total = len(flat)
     base = np.where(first < total, starts[np.minimum(first, max(total - 1, 0))], ends[-1] if total else 0)
-    k0 = np.clip(np.searchsorted(ends, base + rows[:, 2], "right"), first, last)
-    kc = np.clip(np.searchsorted(starts, base + rows[:, 3], "left"), first, last)
-    ke = np.clip(np.searchsorted(starts, base + np.maximum(rows[:, 4], rows[:, 3]), "left"), first, last)
+    k0 = np.clip(np.searchsorted(ends, base + start, "right"), first, last)
+    kc = np.clip(np.searchsorted(starts, base + cend, "left"), first, last)
+    ke = np.clip(np.searchsorted(starts, base + np.maximum(tend, cend), "left"), first, last)
     is_eot = np.isin(flat, np.array(sorted(eot), dtype=np.int32)) if eot else np.zeros(total, dtype=bool)
     count = np.cumsum(is_eot, dtype=np.int32)
     before = np.where(kc > 0, count[np.maximum(kc - 1, 0)] if total else 0, 0)
