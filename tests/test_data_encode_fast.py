@@ -12,6 +12,7 @@ import pytest
 
 from finetune_desktop.data import Conversation, Message, encode_conversation, encode_conversations, validate_file
 from finetune_desktop.data import encode as E
+from finetune_desktop.data import pieces as P
 from finetune_desktop.engine import Tokenizer
 from finetune_desktop.resources_path import base_model_dir
 from tinymodel import make_tiny_tokenizer
@@ -179,14 +180,14 @@ def test_a_disagreeing_check_turns_the_shortcuts_off(base, monkeypatch):
     """If a shortcut ever gave other tokens than the plain way, the check catches it, the chunk is
     done again the plain way and the run goes on without shortcuts."""
     convs = random_convs(3, n=60)
-    real = E._Layout.pieces
+    real = P.Layout.pieces
 
     def wrong(self, msgs, want_bytes=False):
         out, spans, trained, bspans = real(self, msgs, want_bytes)
         out = [x + " " if type(x) is str else x for x in out]   # every unit one character longer
         return out, spans, trained, bspans
 
-    monkeypatch.setattr(E._Layout, "pieces", wrong)
+    monkeypatch.setattr(P.Layout, "pieces", wrong)
     enc = E.StreamEncoder(base, 512, chunk=16)
     for c in convs:
         enc.add(c)
@@ -197,14 +198,14 @@ def test_a_disagreeing_check_turns_the_shortcuts_off(base, monkeypatch):
 
 def test_wrong_token_lengths_are_caught(base, monkeypatch):
     convs = random_convs(4, n=40)
-    real = E._ByteLengths.get
+    real = P.ByteLengths.get
 
     def off_by_one(backend):
         b = real(backend)
         lengths = [x + 1 if x > 0 else x for x in b.lengths]
-        return E._ByteLengths(lengths, b.nfc)
+        return P.ByteLengths(lengths, b.nfc)
 
-    monkeypatch.setattr(E._ByteLengths, "get", off_by_one)
+    monkeypatch.setattr(P.ByteLengths, "get", off_by_one)
     enc = E.StreamEncoder(base, 512, chunk=8)
     for c in convs:
         enc.add(c)
@@ -215,26 +216,26 @@ def test_wrong_token_lengths_are_caught(base, monkeypatch):
 
 def test_crossable():
     toks = ["<|im_start|>", "<|im_end|>"]
-    assert not E._crossable(toks, "", True, "<|im_end|>\n<|im_start|>user\n", True)
-    assert not E._crossable(toks, "<|im_end|>\n<|im_start|>", True, "user\n", True)
+    assert not P.crossable(toks, "", True, "<|im_end|>\n<|im_start|>user\n", True)
+    assert not P.crossable(toks, "<|im_end|>\n<|im_start|>", True, "user\n", True)
     # "<|im_" before the edge and "end|>" after it could be read as one token
-    assert E._crossable(toks, "", True, "end|>\n", True)
-    assert E._crossable(toks + ["\nX"], "<|im_end|>\n", True, "", True)
-    assert not E._crossable(toks, "", False, "end|>", True)   # nothing before the start of the text
+    assert P.crossable(toks, "", True, "end|>\n", True)
+    assert P.crossable(toks + ["\nX"], "<|im_end|>\n", True, "", True)
+    assert not P.crossable(toks, "", False, "end|>", True)   # nothing before the start of the text
 
 
 def test_tokenizers_that_look_at_positions_get_no_pieces(tiny):
     from tokenizers import Tokenizer as HF, normalizers, pre_tokenizers
     b = HF.from_str(tiny.backend.to_str())
-    assert E._SplitRules.make(b) is not None and E._ByteLengths.get(b) is not None
+    assert P.SplitRules.make(b) is not None and P.ByteLengths.get(b) is not None
     b.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(prepend_scheme="first")])
-    assert E._SplitRules.make(b) is None      # prepends only at the very start of a text
+    assert P.SplitRules.make(b) is None      # prepends only at the very start of a text
     b2 = HF.from_str(tiny.backend.to_str())
     b2.normalizer = normalizers.Lowercase()
-    assert E._SplitRules.make(b2) is not None and E._ByteLengths.get(b2) is None  # changes the text
+    assert P.SplitRules.make(b2) is not None and P.ByteLengths.get(b2) is None  # changes the text
     b3 = HF.from_str(tiny.backend.to_str())
     b3.normalizer = normalizers.NFC()
-    bl = E._ByteLengths.get(b3)
+    bl = P.ByteLengths.get(b3)
     assert bl is not None and bl.usable("café") and not bl.usable("cafe\u0301")
 
 
