@@ -249,3 +249,63 @@ def test_normalizing_tokenizers_match_plain(tiny, normalizer):
     fast, plain, _, _ = encode_both(tok, convs, 10_000, chunk=32)
     assert_same(fast.examples, plain.examples)
     assert_matches_reference(tok, convs, fast.examples, 10_000)
+
+
+def _trained_tokenizer(kind: str) -> Tokenizer:
+    """A small tokenizer of another family, trained on the sample files, with a ChatML template."""
+    from tokenizers import Regex, Tokenizer as HF, decoders, models, normalizers, pre_tokenizers, trainers
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    texts = [m.content for name in ("pirate_captain.jsonl", "gyeongsang_ajumma.jsonl")
+             for c in validate_file(ROOT / "sample_data" / name).conversations for m in c.messages]
+    texts += TEXTS * 3
+    if kind == "llama3_style":      # regex split, then byte-level without its own regex
+        tok = HF(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                                       r"|\s*[\r\n]+|\s+(?!\S)|\s+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=specials, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    elif kind == "metaspace_always":  # sentencepiece-like, a "▁" before every piece
+        tok = HF(models.BPE(unk_token="<unk>"))
+        tok.normalizer = normalizers.NFKC()
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=specials + ["<unk>"], show_progress=False)
+    elif kind == "metaspace_first":   # a "▁" only at the very start: no pieces
+        tok = HF(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=specials + ["<unk>"], show_progress=False)
+    elif kind == "wordpiece_lower":   # BERT-like: lower-cases and splits on whitespace and punctuation
+        tok = HF(models.WordPiece(unk_token="<unk>"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(vocab_size=500, special_tokens=specials + ["<unk>"], show_progress=False)
+    else:                             # unigram
+        tok = HF(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=1200, special_tokens=specials + ["<unk>"], unk_token="<unk>",
+                                          show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    template = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                "{% endif %}")
+    return Tokenizer(tok, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, template)
+
+
+@pytest.mark.parametrize("kind,pieces,by_bytes", [("llama3_style", True, True), ("metaspace_always", True, False),
+                                                  ("metaspace_first", False, False), ("wordpiece_lower", True, False),
+                                                  ("unigram", True, False)])
+def test_other_tokenizer_families_match_plain(kind, pieces, by_bytes):
+    tok = _trained_tokenizer(kind)
+    convs = random_convs(7, n=100) + mixed(validate_file(ROOT / "sample_data" / "gyeongsang_ajumma.jsonl").conversations)
+    for max_seq_len in (40, 10_000):
+        fast, plain, fi, pi = encode_both(tok, convs, max_seq_len, chunk=32)
+        assert_same(fast.examples, plain.examples, kind)
+        assert fast.lengths_out == plain.lengths_out
+        assert [(i.line, i.code) for i in fi] == [(i.line, i.code) for i in pi]
+        assert_matches_reference(tok, convs, fast.examples, max_seq_len)
+        assert (fast.split_examples > 0) == pieces and fast.split == pieces
+        assert (fast.bytes is not None) == by_bytes
