@@ -13,7 +13,7 @@ import csv
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, NamedTuple, Optional, Union
 
 from . import textio
 from .textio import LineItem, Sniff, iter_lines
@@ -28,8 +28,7 @@ SYSTEM_COLUMNS = ("system", "system_prompt")
 EXTRA_INPUT_COLUMN = "input"  # Alpaca style: appended to the instruction when both are present
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):
     line: int                        # line where the example starts
     value: Any                       # parsed JSON value, or for CSV a dict column -> text
     kind: str                        # "json" or "csv"

@@ -84,18 +84,47 @@ _ROLE_SET = frozenset(ROLES)
 _MESSAGE_KEY_SET = frozenset(MESSAGE_KEYS)
 
 
-def _fast_chat(value: Any, line: int) -> Optional[Conversation]:
-    """The common case of a clean chat example, checked quickly; None means "look closer" (the full
-    check below finds and words every problem). Accepts exactly what the full check accepts
-    without any error or warning."""
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _message(role: str, content: str, weight: int, name: Optional[str]) -> Message:
+    """Message(role, content, weight, name), without the frozen dataclass __init__'s overhead (it
+    sets the same four fields the same way; Message has no __post_init__)."""
+    m = _new(Message)
+    _set(m, "role", role)
+    _set(m, "content", content)
+    _set(m, "weight", weight)
+    _set(m, "name", name)
+    return m
+
+
+def _conversation(messages: tuple, line: int) -> Conversation:
+    c = _new(Conversation)
+    _set(c, "messages", messages)
+    _set(c, "line", line)
+    return c
+
+
+SHARED_SYSTEM_MESSAGES = 256   # distinct system prompts whose Message one reading keeps to share
+
+
+def fast_chat(value: Any, line: int, short_chars: int = 0, shared: Optional[dict] = None):
+    """The common case of a clean chat example, checked quickly: -> (conversation, its duplicate
+    key hash(((role, content, weight), ...)), the index of the first trained assistant reply with
+    fewer than short_chars non-space characters or -1), or None for "look closer" (the full check
+    below finds and words every problem). Accepts exactly what the full check accepts without any
+    error or warning. `shared` (a dict kept over one file) lets examples that open with the same
+    system prompt share one Message: less memory, and its text is hashed once."""
     if type(value) is not dict or len(value) != 1:
         return None
     msgs = value.get("messages")
     if type(msgs) is not list or not msgs:
         return None
     out = []
+    key = []
+    short = -1
     trained = False
-    last = len(msgs) - 1
     for i, m in enumerate(msgs):
         if type(m) is not dict:
             return None
@@ -116,14 +145,34 @@ def _fast_chat(value: Any, line: int) -> Optional[Conversation]:
                 name = m["name"]
                 if type(name) is not str:
                     return None
-        if role == "system" and i:
-            return None
-        if role == "assistant" and weight:
-            trained = True
-        out.append(Message(role, content, weight, name))
-    if not trained or out[last].role != "assistant":
+        if role == "system":
+            if i:
+                return None
+            msg = shared.get(content) if (shared is not None and name is None) else None
+            if msg is None:
+                msg = _message(role, content, weight, name)
+                if shared is not None and name is None:
+                    if len(shared) >= SHARED_SYSTEM_MESSAGES:
+                        shared.clear()
+                    shared[content] = msg
+            content = msg.content
+        else:
+            msg = _message(role, content, weight, name)
+            if weight and role == "assistant":
+                trained = True
+                if short < 0 and short_chars and len(content.strip()) < short_chars:
+                    short = i
+        out.append(msg)
+        key.append((role, content, weight))
+    if not trained or out[-1].role != "assistant":
         return None
-    return Conversation(tuple(out), line)
+    return _conversation(tuple(out), line), hash(tuple(key)), short
+
+
+def _fast_chat(value: Any, line: int) -> Optional[Conversation]:
+    """fast_chat's conversation, or None."""
+    r = fast_chat(value, line)
+    return r[0] if r is not None else None
 
 
 def conversation_from_json(value: Any, line: int) -> tuple[Optional[Conversation], list[Problem]]:

@@ -26,7 +26,7 @@ from .encode import StreamEncoder, template_messages
 from .readers import (PROMPT_COLUMNS, RESPONSE_COLUMNS, Record, detect_format, iter_csv, iter_json_values,
                       iter_jsonl, locate_line)
 from .report import DataError, IssueCollector, ValidationReport
-from .schema import conversation_from_json, conversation_from_row, field_name
+from .schema import conversation_from_json, conversation_from_row, fast_chat, field_name
 from .textio import sniff_file
 from .types import Conversation, Issue
 
@@ -80,8 +80,8 @@ def _validate(spath, sniff, tokenizer, max_seq_len, batch_size, tokens_per_secon
     col = IssueCollector()
     stats: dict = {"format": None, "encoding": sniff.label, "bytes": sniff.size}
 
-    def report(fmt, convs=(), examples=(), lengths=None) -> ValidationReport:
-        _stats(list(convs), list(examples), lengths, max_seq_len, batch_size, tokens_per_second, col, stats)
+    def report(fmt, convs=(), examples=(), lengths=None, totals=None) -> ValidationReport:
+        _stats(list(convs), list(examples), lengths, max_seq_len, batch_size, tokens_per_second, col, stats, totals)
         return _make_report(spath, fmt, col, stats, list(convs), list(examples))
 
     if sniff.fatal is not None:
@@ -103,6 +103,7 @@ def _validate(spath, sniff, tokenizer, max_seq_len, batch_size, tokens_per_secon
         try:
             convs = _read(spath, sniff, det, col, stats, encoder.add if encoder else None)
             examples = encoder.finish() if encoder else []
+            totals = (encoder.trained_tokens, encoder.kept_tokens) if encoder else None
         finally:
             if encoder is not None:
                 encoder.close()
@@ -112,7 +113,7 @@ def _validate(spath, sniff, tokenizer, max_seq_len, batch_size, tokens_per_secon
     if not convs and col.error_count == 0:
         col.error(det.first_line, None, "no examples found", "empty_file")
     _file_warnings(convs, col)
-    return report(det.format, convs, examples, lengths)
+    return report(det.format, convs, examples, lengths, totals)
 
 
 def _add_issue(col: IssueCollector, i: Issue) -> None:
@@ -162,11 +163,27 @@ def _read(path, sniff, det, col: IssueCollector, stats: dict, on_conv=None) -> l
     convs: list[Conversation] = []
     kinds = {"chat": 0, "prompt_completion": 0, "csv": 0}
     seen: dict[int, int] = {}
+    shared: dict = {}   # system prompts seen, to share their Message (fast_chat)
     for item in items:
         if isinstance(item, Issue):
             col.add(item)
             continue
         rec: Record = item
+        if rec.kind == "json":
+            fast = fast_chat(rec.value, rec.line, SHORT_REPLY_CHARS, shared)
+            if fast is not None:   # a clean chat example: the same steps as below, with nothing to report
+                conv, key, short = fast
+                kinds["chat"] += 1
+                convs.append(conv)
+                if on_conv is not None:
+                    on_conv(conv)
+                first = seen.setdefault(key, conv.line)
+                if first != conv.line:
+                    col.warn(conv.line, None, f"duplicate of the example on line {first}", "duplicate",
+                             summary="duplicate examples")
+                if short >= 0:
+                    _short_reply(col, conv, short)
+                continue
         if rec.kind == "csv":
             conv, problems = conversation_from_row(rec.value, cols, rec.line)
             kind = "csv"
@@ -192,15 +209,18 @@ def _read(path, sniff, det, col: IssueCollector, stats: dict, on_conv=None) -> l
                      summary="duplicate examples")
         for i, m in enumerate(conv.messages):
             if m.role == "assistant" and m.weight and len(m.content.strip()) < SHORT_REPLY_CHARS:
-                col.warn(conv.line, f"messages[{i}].content", f"very short assistant reply ({m.content.strip()!r}); "
-                         f"the model learns to answer this briefly", "short_reply",
-                         summary="examples with very short replies")
+                _short_reply(col, conv, i)
                 break
     stats["record_kinds"] = {k: v for k, v in kinds.items() if v}
     if kinds["chat"] and kinds["prompt_completion"]:
         col.warn(None, None, f"the file mixes chat examples ({kinds['chat']}) and prompt/completion examples "
                              f"({kinds['prompt_completion']}); both are used", "mixed_formats")
     return convs
+
+
+def _short_reply(col: IssueCollector, conv: Conversation, i: int) -> None:
+    col.warn(conv.line, f"messages[{i}].content", f"very short assistant reply ({conv.messages[i].content.strip()!r}); "
+             f"the model learns to answer this briefly", "short_reply", summary="examples with very short replies")
 
 
 _SUMMARY = {"weight_ignored": "weights on non-assistant messages", "system_position": "misplaced system messages",
@@ -215,7 +235,7 @@ def _file_warnings(convs: list[Conversation], col: IssueCollector) -> None:
     n = len(convs)
     if not n:
         return
-    no_sys = [c for c in convs if not any(m.role == "system" for m in c.messages)]
+    no_sys = [c for c in convs if c.messages[0].role != "system" and all(m.role != "system" for m in c.messages)]
     if len(no_sys) == n:
         col.warn(None, None, "no example has a system message; a system message that describes the persona or "
                              "task helps the model (and you can use the same one when chatting)", "no_system")
@@ -227,7 +247,9 @@ def _file_warnings(convs: list[Conversation], col: IssueCollector) -> None:
                              f"learns little (aim for 50 or more)", "few_examples")
 
 
-def _stats(convs, examples, lengths, max_seq_len, batch_size, tokens_per_second, col: IssueCollector, stats: dict):
+def _stats(convs, examples, lengths, max_seq_len, batch_size, tokens_per_second, col: IssueCollector, stats: dict,
+           totals=None):
+    """totals: (trained tokens, tokens after truncation) of the examples, when the encoder counted them."""
     n = len(convs)
     stats["examples"] = n
     n_msgs = n_asst = n_trained = chars = trained_chars = 0
@@ -259,8 +281,10 @@ def _stats(convs, examples, lengths, max_seq_len, batch_size, tokens_per_second,
                 col.warn(c.line, None, f"{L} tokens, longer than max_seq_len {max_seq_len}: the last {L - max_seq_len} "
                                        f"tokens will be cut", "too_long", summary="examples longer than max_seq_len")
         stats["total_tokens"] = int(lens.sum())
-        stats["trained_tokens"] = int(sum(ex.num_trained_tokens for ex in examples))
-        stats["tokens_after_truncation"] = int(sum(len(ex) for ex in examples))
+        if totals is None:
+            totals = (sum(ex.num_trained_tokens for ex in examples), sum(len(ex) for ex in examples))
+        stats["trained_tokens"] = int(totals[0])
+        stats["tokens_after_truncation"] = int(totals[1])
         stats["truncated_examples"] = int((lens > max_seq_len).sum())
         stats["tokens_cut"] = int(np.maximum(lens - max_seq_len, 0).sum())
         stats["dropped_examples"] = n - len(examples)
