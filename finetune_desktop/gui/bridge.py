@@ -115,9 +115,12 @@ def estimate_run(model_dir, cfg_kwargs: dict, n_examples: int, total_tokens: int
     trainable = n_params if tc.method == "full" else count_lora_params(mcfg, tc.lora_rank, tc.lora_targets)
     mem = estimate_peak_memory(mcfg, n_params, trainable, hp.batch_size, longest, tc.method == "full")
     if not tokens_per_second:
-        # a rough CPU guess (~15 GFLOP/s effective, 6 FLOPs per parameter per token); replaced by
-        # the measured speed of this model after its first run
-        tokens_per_second = 15e9 / (6.0 * max(1, n_params))
+        # a rough CPU guess, replaced by the measured speed of this model after its first run:
+        # ~40 GFLOP/s effective (the engine does 55-80 on 2 cores in bench/engine_speed.py; short
+        # fine-tuning batches do less), 6 FLOPs per parameter per token for full fine-tuning,
+        # 4 for LoRA (frozen weights get no weight gradient)
+        flops_per_token = (6.0 if tc.method == "full" else 4.0) * max(1, n_params)
+        tokens_per_second = 40e9 / flops_per_token
     train_tokens = total_tokens * (n_train / max(1, n_examples)) * 1.25  # padding inside batches
     seconds = train_tokens * hp.epochs / max(1e-9, tokens_per_second)
     return Estimate(hp.epochs, hp.batch_size, hp.learning_rate, hp.total_steps, seconds, mem.total_bytes,
