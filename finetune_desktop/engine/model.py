@@ -27,7 +27,7 @@ from .checkpoint import (atomic_write_json, load_peft_adapter, load_weights, mak
                          replace_dir_atomically, save_peft_adapter, write_safetensors,
                          write_safetensors_bf16)
 from .config import ModelConfig, ModelFormatError
-from .lora import LoraConfig, init_lora, lora_backward, lora_forward, lora_names, merge_lora
+from .lora import LoraConfig, init_lora, lora_backward, lora_delta, lora_forward, lora_names, merge_lora
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -181,10 +181,6 @@ class LossCache:
     counted: int        # positions that count towards the loss
     correct: int        # of those, how many the model's top guess got right
     buffer: np.ndarray | None = None  # the logits array, reused for the gradient
-
-    @property
-    def token_accuracy(self) -> float:
-        return self.correct / self.counted if self.counted else 0.0
 
 
 @dataclass
@@ -354,7 +350,7 @@ class Model:
                 n_out = self.params[st + ".weight"].shape[0]
                 an, bn = lora_names(st + ".weight")
                 if an in self.lora:
-                    W[off:off + n_out] += (self.lora[bn] * self.dtype.type(scale)) @ self.lora[an]
+                    W[off:off + n_out] += lora_delta(self.lora[an], self.lora[bn], scale)
                 off += n_out
             return W
 
@@ -444,8 +440,7 @@ class Model:
         if kv_cache is not None or n <= 1:
             return self._forward_one(ids, attention_mask, kv_cache, train,
                                      _row_generators(rng, ids.shape[0]) if train else None, last_only, eff=eff)
-        bounds = np.linspace(0, ids.shape[0], n + 1).astype(int)
-        shards = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        shards = self._row_shards(ids.shape[0])
         rows = _row_generators(rng, ids.shape[0])
         rngs = [None if rows is None else rows[s] for s in shards]
         masks = [None if attention_mask is None else np.asarray(attention_mask)[s] for s in shards]
@@ -477,8 +472,8 @@ class Model:
             pre = f"model.layers.{l}."
             # --- attention block
             h, c_ln1 = ops.rmsnorm_forward(x, p[pre + "input_layernorm.weight"], cfg.rms_norm_eps)
-            qkv, c_qkv = self._proj_forward((pre + "self_attn.q_proj", pre + "self_attn.k_proj",
-                                             pre + "self_attn.v_proj"), h, train, rng, eff)  # (B, T, (H+2KVH)*hd)
+            g_qkv, g_o, g_gu, g_d = self._layer_groups(l)
+            qkv, c_qkv = self._proj_forward(g_qkv, h, train, rng, eff)  # (B, T, (H+2KVH)*hd)
             nq, nkv = H * hd, KVH * hd
             q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
             q = q.reshape(B, T, KVH, G, hd).transpose(0, 2, 3, 1, 4)  # (B, KVH, G, T, hd)
@@ -494,15 +489,15 @@ class Model:
                 k_all, v_all = k, np.ascontiguousarray(v)
             a, c_att = ops.attention_forward(q, k_all, v_all, mask_bias)  # (B, KVH, G, T, hd)
             a = a.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
-            o, c_o = self._proj_forward((pre + "self_attn.o_proj",), a, train, rng, eff)  # (B, T, C)
+            o, c_o = self._proj_forward(g_o, a, train, rng, eff)  # (B, T, C)
             x = x + o
             # --- MLP block
             h2, c_ln2 = ops.rmsnorm_forward(x, p[pre + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
-            gu, c_gu = self._proj_forward((pre + "mlp.gate_proj", pre + "mlp.up_proj"), h2, train, rng, eff)  # (B, T, 2I)
+            gu, c_gu = self._proj_forward(g_gu, h2, train, rng, eff)  # (B, T, 2I)
             I = gu.shape[-1] // 2
             act, c_act = ops.swiglu_forward(gu[..., :I], gu[..., I:])
             del gu
-            d, c_d = self._proj_forward((pre + "mlp.down_proj",), act, train, rng, eff)  # (B, T, C)
+            d, c_d = self._proj_forward(g_d, act, train, rng, eff)  # (B, T, C)
             x = x + d
             if kv_cache is None:
                 layer_caches.append((c_ln1, c_qkv, c_rq, c_rk, c_att, c_o, c_ln2, c_gu, c_act, c_d))
@@ -740,8 +735,9 @@ class Model:
         layers = []
         for l in range(cfg.num_hidden_layers):
             pre = f"model.layers.{l}."
-            Wqkv, bqkv = self._fused((pre + "self_attn.q_proj", pre + "self_attn.k_proj", pre + "self_attn.v_proj"))
-            Wgu, bgu = self._fused((pre + "mlp.gate_proj", pre + "mlp.up_proj"))
+            g_qkv, _, g_gu, _ = self._layer_groups(l)
+            Wqkv, bqkv = self._fused(g_qkv)
+            Wgu, bgu = self._fused(g_gu)
             wn1 = p[pre + "input_layernorm.weight"][:, None]
             wn2 = p[pre + "post_attention_layernorm.weight"][:, None]
             A = with_bias(Wqkv.T * wn1, bqkv)

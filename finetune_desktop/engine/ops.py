@@ -202,20 +202,6 @@ def swiglu_backward(dy, cache):
 
 
 # ----------------------------------------------------------------------------- cross entropy
-def shifted_targets(labels):
-    """labels (B, T) aligned with the inputs -> targets (B, T): position t predicts labels[t + 1]."""
-    labels = np.asarray(labels)
-    targets = np.full(labels.shape, IGNORE_INDEX, dtype=np.int64)
-    targets[:, :-1] = labels[:, 1:]
-    return targets
-
-
-def count_targets(labels) -> int:
-    """How many positions of a batch count towards the loss (after the shift)."""
-    labels = np.asarray(labels)
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
 def cross_entropy_forward(logits, labels, inplace=False):
     """HF causal-LM loss. logits (B, T, V), labels (B, T) aligned with the inputs: position t
     predicts labels[t + 1]; IGNORE_INDEX (-100) is skipped; mean over counted tokens.
@@ -225,7 +211,9 @@ def cross_entropy_forward(logits, labels, inplace=False):
     inplace=True the caller gives up `logits` (a C-contiguous array): when every position
     counts, the softmax is computed in its memory instead of in a copy."""
     B, T, V = logits.shape
-    t = shifted_targets(labels).reshape(-1)  # (N,)
+    targets = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+    targets[:, :-1] = labels[:, 1:]
+    t = targets.reshape(-1)  # (N,)
     valid = t != IGNORE_INDEX
     n = int(valid.sum())
     if n == 0:

@@ -76,10 +76,9 @@ def next_token_distribution(logits: np.ndarray, history: Sequence[int], temperat
     e = np.exp(z - z.max())  # 0 for tokens top-k removed
     if top_p is not None and top_p < 1.0:
         ids = np.sort(_nucleus(z, e, float(e.sum()), top_p))
-        e = e[ids]
     else:
         ids = np.flatnonzero(e > 0.0)  # all but what top-k removed (and -inf logits)
-        e = e[ids]
+    e = e[ids]
     return ids, e / e.sum()
 
 
