@@ -2,9 +2,11 @@
 
 Phase 1 (language): plain text (fortunes, WordNet glosses and examples) plus the dialogs written
 as plain text, packed into rows of --seq-len tokens separated by <|endoftext|>; loss on every token.
-Phase 2 (chat): dialogs rendered with the ChatML template, packed whole into rows, loss only on
-assistant tokens (each reply and its <|im_end|>), mixed with some plain-text rows so the model does
-not forget language.
+Phase 2 (chat): dialogs rendered with the ChatML template, packed whole into rows, mixed with some
+plain-text rows so the model does not forget language. The loss counts every token of each
+conversation (--phase2-loss all, the default) or only the assistant replies and their <|im_end|>
+(--phase2-loss assistant). Counting only the replies made the held-out bits per byte rise after a
+while: the model forgot how people write while it memorised the replies.
 
 Budget: each phase runs for a number of steps, given directly (--phase1-steps, deterministic) or
 planned from a wall-clock budget (--phase1-minutes): the step count is estimated after a few
@@ -232,7 +234,10 @@ class Data:
 
             for idx in perm:
                 ids = enc[idx][:T]
-                lab = assistant_labels(ids, self.header, self.im_end).tolist()
+                if self.a.phase2_loss == "all":
+                    lab = list(ids)
+                else:
+                    lab = assistant_labels(ids, self.header, self.im_end).tolist()
                 if len(cur_i) + len(ids) + 1 > T:
                     flush()
                     cur_i, cur_l = [], []
@@ -387,7 +392,9 @@ SAVED_ARGS = ("seed", "build_dir", "corpus_dir", "hidden_size", "intermediate_si
               "batch_size", "phase1_steps", "phase2_steps", "phase1_minutes", "phase2_minutes",
               "lr1", "lr2", "min_lr_ratio", "warmup1", "warmup2", "weight_decay", "grad_clip",
               "beta2", "gloss_weight", "phase1_dialog_repeat", "phase2_dialog_repeat",
-              "phase2_plain_frac", "heldout_frac", "max_heldout")
+              "phase2_plain_frac", "heldout_frac", "max_heldout", "phase2_loss")
+# settings added after the first runs: what a run folder without them used
+SAVED_DEFAULTS = {"phase2_loss": "assistant"}
 
 
 class Logger:
@@ -421,7 +428,7 @@ def run(args) -> int:
     if cfg_path.exists():
         saved = json.loads(cfg_path.read_text(encoding="utf-8"))
         for k in SAVED_ARGS:
-            setattr(args, k, saved[k])
+            setattr(args, k, saved[k] if k in saved else SAVED_DEFAULTS[k])
     else:
         tokdir = ensure_corpus_and_tokenizer(args)
         shutil.copytree(tokdir, out / "tokenizer", dirs_exist_ok=True)
@@ -575,35 +582,37 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default BUILD/tokenizer; built if missing)")
     ap.add_argument("--seed", type=int, default=1234)
     # model
-    ap.add_argument("--hidden-size", type=int, default=256)
-    ap.add_argument("--intermediate-size", type=int, default=688)
+    ap.add_argument("--hidden-size", type=int, default=192)
+    ap.add_argument("--intermediate-size", type=int, default=512)
     ap.add_argument("--num-layers", type=int, default=6)
-    ap.add_argument("--num-heads", type=int, default=8)
-    ap.add_argument("--num-kv-heads", type=int, default=8)
+    ap.add_argument("--num-heads", type=int, default=6)
+    ap.add_argument("--num-kv-heads", type=int, default=6)
     ap.add_argument("--max-position-embeddings", type=int, default=1024)
     ap.add_argument("--rope-theta", type=float, default=10000.0)
     # batches and budget
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--phase1-steps", type=int, default=None, help="fixed step count (overrides minutes)")
     ap.add_argument("--phase2-steps", type=int, default=None)
     ap.add_argument("--phase1-minutes", type=float, default=30.0)
     ap.add_argument("--phase2-minutes", type=float, default=55.0)
     ap.add_argument("--calibration-steps", type=int, default=8)
     # optimisation
-    ap.add_argument("--lr1", type=float, default=3e-3)
-    ap.add_argument("--lr2", type=float, default=1.5e-3)
+    ap.add_argument("--lr1", type=float, default=2e-3)
+    ap.add_argument("--lr2", type=float, default=1e-3)
     ap.add_argument("--min-lr-ratio", type=float, default=0.1)
-    ap.add_argument("--warmup1", type=int, default=30)
-    ap.add_argument("--warmup2", type=int, default=20)
+    ap.add_argument("--warmup1", type=int, default=40)
+    ap.add_argument("--warmup2", type=int, default=30)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--beta2", type=float, default=0.99)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     # data mixture
     ap.add_argument("--gloss-weight", type=float, default=0.3, help="fraction of WordNet gloss blocks kept")
     ap.add_argument("--phase1-dialog-repeat", type=int, default=2)
-    ap.add_argument("--phase2-dialog-repeat", type=int, default=2)
+    ap.add_argument("--phase2-dialog-repeat", type=int, default=1)
     ap.add_argument("--phase2-plain-frac", type=float, default=0.125)
+    ap.add_argument("--phase2-loss", choices=("all", "assistant"), default="all",
+                    help="phase-2 loss on every conversation token or only on the assistant replies")
     ap.add_argument("--heldout-frac", type=float, default=0.02)
     ap.add_argument("--max-heldout", type=int, default=160)
     # housekeeping
