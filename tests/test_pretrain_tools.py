@@ -134,3 +134,40 @@ def test_pretrain_runs_and_resume_reproduces_losses_bit_for_bit(tiny, tmp_path):
     assert all(np.array_equal(a[k], b[k]) for k in a)
     evals = [json.loads(x) for x in open(part / "log.jsonl") if '"eval"' in x]
     assert evals and all(0 < e["heldout_bpb"] < 20 for e in evals)
+
+
+@pytest.mark.parametrize("mode", ["all", "assistant"])
+def test_phase2_rows_count_every_conversation_token_or_only_replies(tiny, tmp_path, mode):
+    build, corpus, tok = tiny
+    args = pb.build_parser().parse_args(_args(tmp_path / "run", build, corpus, ["--phase2-loss", mode, "--seq-len", "64"]))
+    (tmp_path / "run").mkdir()
+    data = pb.Data(args, tok, tmp_path / "run")
+    ids, labels = data._p2_epoch(0)
+    eot, im_end = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
+    real = ids != eot  # conversation tokens (eot only pads and separates conversations)
+    assert real.sum() > 0 and (labels[~real] == pb.IGNORE).all()
+    if mode == "all":
+        assert np.array_equal(labels[real], ids[real])
+    else:
+        counted = labels[real] != pb.IGNORE
+        assert 0 < counted.sum() < real.sum()
+        assert np.array_equal(labels[real][counted], ids[real][counted])
+        # every counted stretch is a reply: as many <|im_end|> counted as assistant turns packed
+        n_replies = sum(1 for r in ids for i in range(len(r)) if list(r[i:i + len(data.header)]) == data.header)
+        assert int((labels == im_end).sum()) == n_replies
+
+
+def test_run_folder_from_before_phase2_loss_resumes_with_assistant_loss(tiny, tmp_path):
+    build, corpus, _ = tiny
+    out = tmp_path / "old"
+    assert pb.main(_args(out, build, corpus, ["--max-steps-this-run", "1"])) == 0
+    cfg = json.loads((out / "run_config.json").read_text())
+    assert cfg["phase2_loss"] == "all"
+    del cfg["phase2_loss"]  # what a run folder written before the option holds
+    (out / "run_config.json").write_text(json.dumps(cfg))
+    args = pb.build_parser().parse_args(_args(out, build, corpus))
+    assert args.phase2_loss == "all"  # the command line default ...
+    assert pb.run(args) == 0
+    assert args.phase2_loss == "assistant"  # ... gives way to what the old run used
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["done"]
