@@ -169,7 +169,7 @@ def test_bad_input_gives_one_line_errors_and_no_traceback(setup, trained, tmp_pa
         (("train", data, "--out", tmp_path / "o3", "--base", tmp_path / "nomodel"), 2, "does not exist"),
         (("train", data, "--out", tmp_path / "o4", "--resume"), 2, "run.json"),
         (("train", data, "--out", tmp_path / "o5", "--base", folder, "--val-split", "1.5"), 2, "val-split"),
-        (("chat", tmp_path / "nomodel", "--prompt", "hi"), 2, "no such model folder"),
+        (("chat", tmp_path / "nomodel", "--prompt", "hi"), 2, "does not exist"),
         (("chat", out, "--prompt", "hi", "--temperature", "-1"), 2, "temperature"),
     ]
     for args, code, text in cases:  # in-process: the same code path as the command, faster

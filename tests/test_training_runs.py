@@ -213,6 +213,12 @@ def test_session_start_and_resume_in_process(folder, tmp_path, monkeypatch):
     assert any(i.line == 2 for i in e.value.issues)
     with pytest.raises(TrainingSetupError, match="does not exist"):
         start_training(data, config=cfg, base=str(tmp_path / "nothing"))
+    # a run folder without its model yet (it was stopped before the first save) as the base
+    early = tmp_path / "early_run"
+    early.mkdir()
+    (early / "run.json").write_text('{"status": "stopped"}', encoding="utf-8")
+    with pytest.raises(TrainingSetupError, match=r"no model yet \(status: stopped\)"):
+        start_training(data, config=cfg, base=str(early))
     with pytest.raises(TrainingSetupError, match="learning_rate"):
         start_training(data, config=cfg.replace(learning_rate=-1.0), base=str(folder))
     # the data file changed since the run started: refuse to resume on other data

@@ -2,14 +2,12 @@
 the reply as text. Used by `finetune-desktop chat` and usable from the app."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from ..engine import Model
-from ..engine.config import ModelFormatError
-from ..resources_path import resolve_model_path
+from .loading import open_model
 
 
 class ChatError(Exception):
@@ -26,35 +24,7 @@ class ChatModel:
 
 def load_chat_model(spec: str) -> ChatModel:
     """spec: a model folder, a run folder, or 'base' (the embedded model)."""
-    from ..engine.tokenizer import Tokenizer
-
-    folder = resolve_model_path(spec)
-    run_dir = None
-    if spec == "base" and not (folder / "config.json").exists():
-        raise ChatError(f"the embedded base model is not installed ({folder} has no config.json)")
-    if not folder.exists():
-        raise ChatError(f"{spec}: no such model folder")
-    if (folder / "run.json").exists():
-        run_dir = folder
-        if not (folder / "model" / "config.json").exists():
-            status = "unknown"
-            try:
-                status = json.loads((folder / "run.json").read_text(encoding="utf-8")).get("status", status)
-            except (OSError, ValueError, AttributeError):
-                pass
-            raise ChatError(f"{folder}: this run has no model yet (status: {status})")
-        folder = folder / "model"
-    elif (folder.parent / "run.json").exists() and folder.name == "model":
-        run_dir = folder.parent
-    if not (folder / "config.json").exists():
-        raise ChatError(f"{folder}: not a model folder (no config.json)")
-    try:
-        model = Model.from_pretrained(folder)
-        tok = Tokenizer.from_pretrained(folder)
-    except ModelFormatError as e:
-        raise ChatError(str(e)) from None
-    if not tok.chat_template:
-        raise ChatError(f"{folder}: the tokenizer has no chat template")
+    model, tok, folder, run_dir = open_model(spec, ChatError)
     return ChatModel(model, tok, folder, run_dir)
 
 

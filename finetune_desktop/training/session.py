@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine import LoraConfig, Model
-from ..engine.config import ModelFormatError
-from ..resources_path import resolve_model_path
 from .auto import Hyperparameters, resolve
 from .config import TrainConfig
 from .control import TrainControl
+from .loading import open_model
 from .loop import LoopOptions, TrainResult, default_segments, train
 from .runs import (RunError, latest_checkpoint, new_run_dir, now_iso, pid_alive, read_run_json, sha256_file,
                    versions, write_run_json)
@@ -52,24 +51,7 @@ def weights_file(folder: Path) -> Path | None:
 
 def load_base_model(spec: str):
     """'base', a model folder or a run folder -> (Model, Tokenizer, folder). Clear errors."""
-    from ..engine.tokenizer import Tokenizer
-
-    folder = resolve_model_path(spec)
-    if spec == "base" and not (folder / "config.json").exists():
-        raise TrainingSetupError(f"the embedded base model is not installed ({folder} has no config.json); "
-                                 "pass --base with a model folder")
-    if not folder.exists():
-        raise TrainingSetupError(f"model folder {folder} does not exist")
-    if not (folder / "config.json").exists():
-        raise TrainingSetupError(f"{folder} is not a model folder (no config.json)")
-    try:
-        model = Model.from_pretrained(folder)
-        tok = Tokenizer.from_pretrained(folder)
-    except ModelFormatError as e:
-        raise TrainingSetupError(str(e)) from None
-    if not tok.chat_template:
-        raise TrainingSetupError(f"{folder}: the tokenizer has no chat template, so conversations cannot be "
-                                 "rendered (add chat_template to tokenizer_config.json)")
+    model, tok, folder, run_dir = open_model(spec, TrainingSetupError)
     return model, tok, folder
 
 
