@@ -28,8 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BASE_CONFIG = dict(vocab_size=6144, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
-                   num_attention_heads=8, num_key_value_heads=8, attention_bias=True, mlp_bias=True,
+# the embedded base model's shape (finetune_desktop/resources/base_model/config.json)
+BASE_CONFIG = dict(vocab_size=6144, hidden_size=192, intermediate_size=512, num_hidden_layers=6,
+                   num_attention_heads=6, num_key_value_heads=6, attention_bias=True, mlp_bias=True,
                    tie_word_embeddings=True, max_position_embeddings=1024)
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")

@@ -23,8 +23,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 _T_IMPORT = time.perf_counter()
-BASE_SIZE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=6, num_attention_heads=8,
-                 num_key_value_heads=8)
+# the embedded base model's shape (finetune_desktop/resources/base_model/config.json)
+BASE_SIZE = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=6,
+                 num_key_value_heads=6)
 
 
 def random_base_size_model(folder: Path) -> Path:

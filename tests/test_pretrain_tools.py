@@ -146,6 +146,16 @@ def test_phase2_rows_count_every_conversation_token_or_only_replies(tiny, tmp_pa
     eot, im_end = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
     real = ids != eot  # conversation tokens (eot only pads and separates conversations)
     assert real.sum() > 0 and (labels[~real] == pb.IGNORE).all()
+    im_start = tok.token_to_id("<|im_start|>")
+    # whole conversations are packed several to a row, each one starting with <|im_start|> right
+    # after the row start or an eot separator
+    starts = [(r, i) for r in range(len(ids)) for i in range(ids.shape[1])
+              if ids[r, i] == im_start and (i == 0 or ids[r, i - 1] == eot)]
+    assert len(starts) > len(ids), "no row holds more than one conversation"
+    for r in range(len(ids)):
+        for i in range(1, ids.shape[1]):
+            if ids[r, i - 1] == eot and ids[r, i] != eot:
+                assert ids[r, i] == im_start, (r, i)
     if mode == "all":
         assert np.array_equal(labels[real], ids[real])
     else:
@@ -158,7 +168,8 @@ def test_phase2_rows_count_every_conversation_token_or_only_replies(tiny, tmp_pa
 
 
 def test_run_folder_from_before_phase2_loss_resumes_with_assistant_loss(tiny, tmp_path):
-    build, corpus, _ = tiny
+    build, corpus, tok = tiny
+    (tmp_path / "fresh").mkdir()
     out = tmp_path / "old"
     assert pb.main(_args(out, build, corpus, ["--max-steps-this-run", "1"])) == 0
     cfg = json.loads((out / "run_config.json").read_text())
@@ -169,5 +180,7 @@ def test_run_folder_from_before_phase2_loss_resumes_with_assistant_loss(tiny, tm
     assert args.phase2_loss == "all"  # the command line default ...
     assert pb.run(args) == 0
     assert args.phase2_loss == "assistant"  # ... gives way to what the old run used
+    ids, labels = pb.Data(args, tok, tmp_path / "fresh")._p2_epoch(0)
+    assert 0 < (labels != pb.IGNORE).sum() < (ids != tok.token_to_id("<|endoftext|>")).sum()
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["done"]

@@ -21,7 +21,7 @@ def open_model(spec: str, error: type[Exception] = ValueError):
     run_dir = None
     if spec == "base" and not (folder / "config.json").exists():
         raise error(f"the embedded base model is not installed ({folder} has no config.json); "
-                    "reinstall the app or give a model folder")
+                    "reinstall the app, or give a model folder (train --base DIR)")
     if not folder.exists():
         raise error(f"model folder {folder} does not exist")
     if (folder / "run.json").exists():
