@@ -665,23 +665,8 @@ class StreamEncoder:
                                                      f"tokens no assistant tokens are left, so the example is skipped",
                                     "warning", "dropped"))
                 continue
-            examples.append(_example(flat[b:b + k], labels[b:b + k], conv.line, n - k))
+            examples.append(EncodedExample(flat[b:b + k], labels[b:b + k], conv.line, n - k))
         self.split_examples += sum(1 for m in ch.nrefs[:n_items] if m > 1)
-
-
-def _example(input_ids, labels, line: int, truncated_by: int) -> EncodedExample:
-    """EncodedExample(...), without the frozen dataclass __init__'s overhead (the same fields, set
-    the same way; there is no __post_init__)."""
-    ex = _new(EncodedExample)
-    _set(ex, "input_ids", input_ids)
-    _set(ex, "labels", labels)
-    _set(ex, "line", line)
-    _set(ex, "truncated_by", truncated_by)
-    return ex
-
-
-_new = object.__new__
-_set = object.__setattr__
 
 
 class _Chunk:

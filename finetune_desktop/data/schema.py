@@ -84,28 +84,6 @@ _ROLE_SET = frozenset(ROLES)
 _MESSAGE_KEY_SET = frozenset(MESSAGE_KEYS)
 
 
-_new = object.__new__
-_set = object.__setattr__
-
-
-def _message(role: str, content: str, weight: int, name: Optional[str]) -> Message:
-    """Message(role, content, weight, name), without the frozen dataclass __init__'s overhead (it
-    sets the same four fields the same way; Message has no __post_init__)."""
-    m = _new(Message)
-    _set(m, "role", role)
-    _set(m, "content", content)
-    _set(m, "weight", weight)
-    _set(m, "name", name)
-    return m
-
-
-def _conversation(messages: tuple, line: int) -> Conversation:
-    c = _new(Conversation)
-    _set(c, "messages", messages)
-    _set(c, "line", line)
-    return c
-
-
 SHARED_SYSTEM_MESSAGES = 256   # distinct system prompts whose Message one reading keeps to share
 
 
@@ -150,14 +128,14 @@ def fast_chat(value: Any, line: int, short_chars: int = 0, shared: Optional[dict
                 return None
             msg = shared.get(content) if (shared is not None and name is None) else None
             if msg is None:
-                msg = _message(role, content, weight, name)
+                msg = Message(role, content, weight, name)
                 if shared is not None and name is None:
                     if len(shared) >= SHARED_SYSTEM_MESSAGES:
                         shared.clear()
                     shared[content] = msg
             content = msg.content
         else:
-            msg = _message(role, content, weight, name)
+            msg = Message(role, content, weight, name)
             if weight and role == "assistant":
                 trained = True
                 if short < 0 and short_chars and len(content.strip()) < short_chars:
@@ -166,7 +144,7 @@ def fast_chat(value: Any, line: int, short_chars: int = 0, shared: Optional[dict
         key.append((role, content, weight))
     if not trained or out[-1].role != "assistant":
         return None
-    return _conversation(tuple(out), line), hash(tuple(key)), short
+    return Conversation(tuple(out), line), hash(tuple(key)), short
 
 
 def _fast_chat(value: Any, line: int) -> Optional[Conversation]:
