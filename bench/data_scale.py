@@ -68,7 +68,7 @@ def generate(path: Path, n: int, seed: int = 0) -> int:
 
 def find_tokenizer(arg, tmp: Path, data: Path):
     from finetune_desktop.engine import Tokenizer
-    from finetune_desktop.resources_path import base_model_dir
+    from finetune_desktop.training.loading import base_model_dir
 
     if arg:
         return Tokenizer.from_pretrained(arg), arg

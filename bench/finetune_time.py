@@ -80,7 +80,7 @@ def main() -> int:
     ap.add_argument("extra", nargs="*", help="extra arguments for `train` (after --)")
     args = ap.parse_args()
 
-    from finetune_desktop.resources_path import base_model_dir, resolve_model_path
+    from finetune_desktop.training.loading import base_model_dir, resolve_model_spec as resolve_model_path
 
     tmp = Path(tempfile.mkdtemp(prefix="ft-bench-"))
     base = args.base

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from finetune_desktop.engine import Model, Tokenizer
-from finetune_desktop.resources_path import base_model_dir, resolve_model_path
+from finetune_desktop.training.loading import base_model_dir, resolve_model_spec as resolve_model_path
 
 FOLDER = base_model_dir()
 pytestmark = pytest.mark.skipif(not (FOLDER / "model.safetensors").exists(), reason="no embedded base model")

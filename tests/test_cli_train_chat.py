@@ -193,7 +193,7 @@ def test_bad_input_gives_one_line_errors_and_no_traceback(setup, trained, tmp_pa
 
 def test_chat_base():
     """`chat base` talks to the embedded model, or says clearly that it is not installed."""
-    from finetune_desktop.resources_path import base_model_dir
+    from finetune_desktop.training.loading import base_model_dir
 
     p = cli("chat", "base", "--prompt", "Hello!", "--temperature", 0, "--max-new-tokens", 24)
     no_traceback(p)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune_desktop.data.validate_cli import run_validate
+from finetune_desktop.cli.validate import run as run_validate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ from finetune_desktop.data import Conversation, Message, encode_conversation, en
 from finetune_desktop.data import encode as E
 from finetune_desktop.data import pieces as P
 from finetune_desktop.engine import Tokenizer
-from finetune_desktop.resources_path import base_model_dir
+from finetune_desktop.training.loading import base_model_dir
 from tinymodel import make_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ..engine.errors import UserError
 from .types import Conversation, EncodedExample, Issue
 
 MAX_ERRORS = 1000               # errors kept in a report; the rest are counted
@@ -36,7 +37,7 @@ class ValidationReport:
                 f"{len(self.warnings)} warning{'s' if len(self.warnings) != 1 else ''}")
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A training file with errors (or one that cannot be read). `report` has every issue;
     str(error) names the first few, each with its line."""
 

@@ -25,6 +25,17 @@ _DTYPES = {
     "U8": (np.uint8, 1), "BOOL": (np.bool_, 1),
 }
 MAX_HEADER = 100 * 1024 * 1024
+RUN_MODEL_SUBDIR = "model"   # a run folder keeps its tuned model (an HF folder) here
+
+
+def model_folder(path) -> Path:
+    """The HF folder a path stands for: the path itself, or, for a run folder (a folder with
+    model/config.json and no config.json of its own), its model/ subfolder. The one place that
+    knows this rule; loading weights, tokenizers and opening models by name all go through it."""
+    p = Path(path)
+    if not (p / "config.json").exists() and (p / RUN_MODEL_SUBDIR / "config.json").exists():
+        return p / RUN_MODEL_SUBDIR
+    return p
 
 
 def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:

@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UserError
 
-class ModelFormatError(ValueError):
+
+class ModelFormatError(UserError, ValueError):
     """A model folder or config that we cannot load (the message names file and problem)."""
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from . import ops
 from .checkpoint import (atomic_write_json, load_peft_adapter, load_weights, make_temp_dir_beside,
+                         model_folder,
                          replace_dir_atomically, save_peft_adapter, write_safetensors,
                          write_safetensors_bf16)
 from .config import ModelConfig, ModelFormatError
@@ -232,11 +233,9 @@ class Model:
     @classmethod
     def from_pretrained(cls, folder) -> "Model":
         """Load an HF folder (config.json + safetensors). Given a run folder, its `model/` is loaded."""
-        folder = Path(folder)
+        folder = model_folder(folder)
         if not folder.exists():
             raise ModelFormatError(f"{folder}: no such folder")
-        if (folder / "model" / "config.json").exists() and not (folder / "config.json").exists():
-            folder = folder / "model"  # a run folder
         cfg = ModelConfig.from_json_file(folder / "config.json")
         params = load_weights(folder)
         m = cls.__new__(cls)

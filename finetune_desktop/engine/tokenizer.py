@@ -70,9 +70,9 @@ class Tokenizer:
     def from_pretrained(cls, folder) -> "Tokenizer":
         from tokenizers import Tokenizer as HFTokenizer
 
-        folder = Path(folder)
-        if (folder / "model" / "tokenizer.json").exists() and not (folder / "tokenizer.json").exists():
-            folder = folder / "model"
+        from .checkpoint import model_folder
+
+        folder = model_folder(folder)
         tj = folder / "tokenizer.json"
         if not tj.exists():
             extra = ""

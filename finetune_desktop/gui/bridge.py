@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.config import ModelConfig
-from ..resources_path import base_model_dir
+from ..training.loading import base_model_dir
 from .paths import runs_dir
 
 

@@ -17,7 +17,7 @@ Setup problems raise session.TrainingSetupError or data.DataError before the run
 
 Modules: loop (the loop), session (files -> loop), runs (run folders, checkpoints), auto (auto
 hyperparameters), memory (peak-memory estimate), snapshots (weight snapshots), control
-(pause/stop), chat (chat with a model), threads (BLAS threads), cli_train / cli_chat (commands).
+(pause/stop), chat (chat with a model), loading (models by name), hf_cache (the local Hugging Face cache).
 """
 from __future__ import annotations
 

@@ -24,12 +24,13 @@ import numpy as np
 
 from ..engine.checkpoint import (atomic_write_json, make_temp_dir_beside, read_safetensors, replace_dir_atomically,
                                  write_safetensors)
+from ..engine.errors import UserError
 
 RUN_FORMAT = 1
 CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
 
 
-class RunError(Exception):
+class RunError(UserError):
     """A problem with a run folder, in words for the user."""
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine import LoraConfig, Model
+from ..engine.errors import UserError
 from .auto import Hyperparameters, resolve
 from .config import TrainConfig
 from .control import TrainControl
@@ -26,8 +27,20 @@ from .runs import (RunError, latest_checkpoint, new_run_dir, now_iso, pid_alive,
                    versions, write_run_json)
 
 
-class TrainingSetupError(Exception):
+class TrainingSetupError(UserError):
     """A run cannot start; the message says why and what to do."""
+
+
+class RunFolderInUse(TrainingSetupError):
+    """The chosen run folder already holds a run (or other files)."""
+
+
+class RunAlreadyFinished(TrainingSetupError):
+    """Resuming a run that has done all its steps, without adding epochs."""
+
+
+class NothingToTrain(TrainingSetupError):
+    """No example has assistant tokens left after truncation."""
 
 
 @dataclass
@@ -115,8 +128,8 @@ def prepare_data(data_path, tokenizer, config: TrainConfig, validation_path=None
     else:
         train_ex, valid_ex, vconvs = examples, [], []
     if not train_ex:
-        raise TrainingSetupError(f"{data_path}: no example has assistant tokens left to train on "
-                                 f"(are the replies cut off by --max-seq-len {config.max_seq_len}?)")
+        raise NothingToTrain(f"{data_path}: no example has assistant tokens left to train on "
+                             f"(are the replies cut off at the maximum length of {config.max_seq_len} tokens?)")
     return PreparedData(train_ex, valid_ex, convs, vconvs, report, vreport, _most_common_system_prompt(convs))
 
 
@@ -167,16 +180,16 @@ def _steps_per_epoch(examples, batch_size, seed, pad_id) -> int:
     return len(make_batches(examples, batch_size, seed, 0, pad_id))
 
 
-def _usable_run_dir(run_dir) -> Path:
+def check_run_dir_free(run_dir) -> Path:
+    """The run folder to create: it must not exist yet, or be an empty folder."""
     run_dir = Path(run_dir).expanduser()
     if run_dir.exists():
         if not run_dir.is_dir():
             raise TrainingSetupError(f"{run_dir} exists and is not a folder")
         if any(run_dir.iterdir()):
             if (run_dir / "run.json").exists():
-                raise TrainingSetupError(f"{run_dir} already holds a run; use --resume to continue it, "
-                                         "or choose another --out folder")
-            raise TrainingSetupError(f"{run_dir} exists and is not empty; choose another --out folder")
+                raise RunFolderInUse(f"{run_dir} already holds a run")
+            raise RunFolderInUse(f"{run_dir} exists and is not empty")
     return run_dir
 
 
@@ -196,7 +209,7 @@ def start_training(data_path, run_dir=None, config: TrainConfig = TrainConfig(),
         config = fit_config_to_model(config, model)
     if run_dir is None:
         run_dir = new_run_dir(Path(data_path).stem)
-    run_dir = _usable_run_dir(run_dir)
+    run_dir = check_run_dir_free(run_dir)
     attach_method(model, config)
     pad = tok.pad_token_id
     longest = max(len(e) for e in data.train)
@@ -280,8 +293,7 @@ def resume_training(run_dir, extra_epochs: int = 0, on_event=None, control: Trai
                                 eval_every=hyper.eval_every, warmup_steps=hyper.warmup_steps, steps_per_epoch=S,
                                 total_steps=total, auto=hyper.auto)
     elif done >= total:
-        raise TrainingSetupError(f"{run_dir} already finished all {total} steps; add epochs to train more "
-                                 "(for example --epochs N with N above the run's epochs)")
+        raise RunAlreadyFinished(f"{run_dir} already finished all {total} steps; add epochs to train more")
 
     if not base_path.exists():
         raise TrainingSetupError(f"the run's base model {base_path} is gone; it is needed to resume")

@@ -10,27 +10,12 @@ import warnings
 import time
 from pathlib import Path
 
-from ..cli import CliError
-from .config import TrainConfig
-from .control import TrainControl
-from .events import EvalMetrics, RunStarted, StepMetrics
+from ..training.control import TrainControl
+from ..training.events import EvalMetrics, RunStarted, StepMetrics
+from .common import add_train_flags, config_from_args
+from .errors import CliError
 
-
-def config_from_args(args) -> TrainConfig:
-    base = TrainConfig()
-    kw = dict(method=args.method, epochs=args.epochs, batch_size=args.batch_size,
-              learning_rate=args.learning_rate, seed=args.seed)
-    if getattr(args, "lora_rank", None):
-        kw["lora_rank"] = args.lora_rank
-        kw["lora_alpha"] = float(base.lora_alpha / base.lora_rank * args.lora_rank)  # keep scale alpha/r
-    if getattr(args, "max_seq_len", None):
-        kw["max_seq_len"] = args.max_seq_len
-    vs = getattr(args, "val_split", None)
-    if vs is not None:
-        if not 0.0 <= vs < 1.0:
-            raise CliError(f"--val-split must be between 0 and 1 (a fraction), got {vs}")
-        kw["val_split"] = vs
-    return base.replace(**kw)
+NAME = "train"
 
 
 def _fmt_time(s: float) -> str:
@@ -77,9 +62,8 @@ class _Printer:
 
 
 def _print_data_errors(err) -> None:
-    rep = getattr(err, "report", None)
-    issues = list(getattr(err, "issues", []) or [])
-    path = getattr(rep, "path", None)
+    issues = list(err.issues)
+    path = err.report.path if err.report is not None else None
     if not issues:
         print(f"error: {err}", file=sys.stderr)
         return
@@ -90,7 +74,7 @@ def _print_data_errors(err) -> None:
 
 
 def _print_data_summary(data, shown: int = 5) -> None:
-    st = getattr(data.report, "stats", {}) or {}
+    st = data.report.stats
     tokens = st.get("total_tokens")
     msg = f"data: {len(data.conversations)} examples"
     if tokens is not None:
@@ -100,7 +84,7 @@ def _print_data_summary(data, shown: int = 5) -> None:
     elif data.valid:
         msg += f"; {len(data.valid)} held out for validation"
     print(msg)
-    warns = list(getattr(data.report, "warnings", []) or []) + list(getattr(data.valid_report, "warnings", []) or [])
+    warns = list(data.report.warnings) + (list(data.valid_report.warnings) if data.valid_report is not None else [])
     for w in warns[:shown]:
         print(f"  warning: {w}")
     if len(warns) > shown:
@@ -108,16 +92,44 @@ def _print_data_summary(data, shown: int = 5) -> None:
     sys.stdout.flush()
 
 
-def run_train(args) -> int:
+def register(sub) -> None:
+    t = sub.add_parser(NAME, help="fine-tune a model on a training file",
+                       description="Fine-tune a model on a training file and write a run folder "
+                                   "(run.json, metrics.jsonl, checkpoints/, model/, adapter/).")
+    t.add_argument("data", help="the training file (chat JSONL, prompt/completion JSONL, CSV or TSV)")
+    t.add_argument("--out", required=True, metavar="DIR", help="the run folder to create (or to continue with --resume)")
+    add_train_flags(t)
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint; with --epochs N above the "
+                        "run's, add epochs to a finished run")
+    t.add_argument("--quiet", action="store_true", help="print only the summary, not every step")
+    t.set_defaults(run=run, hint_for=hint_for)
+
+
+def hint_for(err) -> str:
+    """The command-line hint for a library error (the library's words name no flags)."""
+    from ..training.session import RunAlreadyFinished, RunFolderInUse, NothingToTrain
+
+    if isinstance(err, RunFolderInUse):
+        return "; use --resume to continue it, or choose another --out folder"
+    if isinstance(err, RunAlreadyFinished):
+        return " (add epochs with --resume --epochs N, N above the run's epochs)"
+    if isinstance(err, NothingToTrain):
+        return " (raise --max-seq-len if the replies are cut off)"
+    return ""
+
+
+def run(args) -> int:
     # the engine's padding mask adds two very negative numbers on purpose (numpy warns about the
     # overflow); a real overflow shows up as a non-finite loss, which the loop reports in words
     warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"finetune_desktop\.engine")
     from ..data.report import DataError
-    from .session import (TrainingSetupError, _usable_run_dir, check_config, estimate_tokens_per_second,
-                          fit_config_to_model, load_base_model, prepare_data, resume_training, start_training)
+    from ..training.session import (check_config, check_run_dir_free, estimate_tokens_per_second,
+                                    fit_config_to_model, load_base_model, prepare_data, resume_training,
+                                    start_training)
 
     control = TrainControl()
-    printer = _Printer(bool(getattr(args, "quiet", False)))
+    printer = _Printer(args.quiet)
     presses = []
 
     def on_sigint(signum, frame):
@@ -145,8 +157,8 @@ def run_train(args) -> int:
             if not Path(args.data).exists():
                 raise CliError(f"{args.data}: no such file", 2)
             check_config(config)
-            _usable_run_dir(args.out)
-            vpath = getattr(args, "validation_file", None)
+            check_run_dir_free(args.out)
+            vpath = args.validation_file
             model, tok, base_dir = load_base_model(args.base)
             config = fit_config_to_model(config, model)
             data = prepare_data(args.data, tok, config, vpath, estimate_tokens_per_second(model, config.method))
@@ -157,8 +169,6 @@ def run_train(args) -> int:
     except DataError as e:
         _print_data_errors(e)
         return 1
-    except TrainingSetupError as e:
-        raise CliError(str(e), 2) from None
     finally:
         if old is not None:
             signal.signal(signal.SIGINT, old)
@@ -185,12 +195,9 @@ def run_train(args) -> int:
 
 
 def _check_resume_data(run_dir: Path, data) -> None:
-    from .runs import RunError, read_run_json, sha256_file
+    from ..training.runs import read_run_json, sha256_file
 
-    try:
-        info = read_run_json(run_dir)
-    except RunError as e:
-        raise CliError(str(e), 2) from None
+    info = read_run_json(run_dir)
     rec = (info.get("data") or {}).get("path")
     if rec and data and Path(data).exists() and Path(data).resolve() != Path(rec):
         want = (info.get("data") or {}).get("sha256")

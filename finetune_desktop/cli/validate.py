@@ -8,9 +8,25 @@ import json
 import os
 import sys
 
-from .validate import validate_file
+from ..data.validate import validate_file
+from ..engine.errors import UserError
+from .common import pos_int
 
+NAME = "validate"
 BAR_WIDTH = 30
+
+
+def register(sub) -> None:
+    v = sub.add_parser(NAME, help="check a training file and report every problem by line",
+                       description="Check a training file without changing it. Exit 0 valid, 1 invalid "
+                                   "(every error names its line), 2 unreadable file or bad option.")
+    v.add_argument("data", help="the training file")
+    v.add_argument("--max-seq-len", type=pos_int, default=512, metavar="N",
+                   help="examples longer than this many tokens are reported as cut")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.add_argument("--base", default="base",
+                   help="the model whose tokenizer and chat template count the tokens")
+    v.set_defaults(run=run)
 
 
 def _out(text: str = "", stream=None) -> None:
@@ -23,25 +39,16 @@ def _out(text: str = "", stream=None) -> None:
 
 
 def _load_tokenizer(spec: str):
-    """-> (tokenizer or None, note or None). Raises ValueError for a --base that is unusable."""
-    from ..resources_path import resolve_model_path
-    from ..engine.tokenizer import Tokenizer
+    """-> (tokenizer or None, note or None). The embedded model's tokenizer may be missing (then
+    tokens are not counted); any other unusable --base is an error."""
+    from ..training.loading import open_tokenizer
 
-    folder = resolve_model_path(spec)
-    has_tok = (folder / "tokenizer.json").exists()
-    if spec == "base" and not has_tok:
-        return None, "the embedded model has no tokenizer yet, so tokens are not counted"
-    if not folder.exists():
-        raise ValueError(f"--base {spec}: no such model folder")
     try:
-        tok = Tokenizer.from_pretrained(folder)
-    except Exception as e:  # noqa: BLE001 - ModelFormatError and friends
+        return open_tokenizer(spec), None
+    except UserError as e:
         if spec == "base":
-            return None, f"the embedded model's tokenizer cannot be loaded ({e}), so tokens are not counted"
-        raise ValueError(f"--base {spec}: {e}") from None
-    if not tok.chat_template:
-        return None, f"the tokenizer of {spec} has no chat template, so tokens are not counted"
-    return tok, None
+            return None, f"the embedded model's tokenizer cannot be used ({e}), so tokens are not counted"
+        raise
 
 
 def _fmt_num(x) -> str:
@@ -109,32 +116,21 @@ def format_report(report, tokenizer_note=None) -> str:
     return "\n".join(lines)
 
 
-def run_validate(args) -> int:
+def run(args) -> int:
     try:
         return _run(args)
-    except KeyboardInterrupt:
-        raise
     except BrokenPipeError:
         try:
             sys.stdout = open(os.devnull, "w")
         except OSError:
             pass
         return 1
-    except Exception as e:  # noqa: BLE001 - never a traceback for users
-        _out(f"error: internal error while validating: {type(e).__name__}: {e} (please report this)", sys.stderr)
-        return 3
 
 
 def _run(args) -> int:
-    data = getattr(args, "data", None)
-    if not data:
-        _out("error: no training file given", sys.stderr)
-        return 2
-    max_seq_len = getattr(args, "max_seq_len", 512) or 512
-    if max_seq_len < 1:
-        _out(f"error: --max-seq-len must be positive, got {max_seq_len}", sys.stderr)
-        return 2
-    as_json = bool(getattr(args, "json", False))
+    data = args.data
+    max_seq_len = args.max_seq_len
+    as_json = args.json
     if not os.path.exists(data):
         _out(f"error: {data}: no such file", sys.stderr)
         return 2
@@ -144,14 +140,8 @@ def _run(args) -> int:
     if not os.access(data, os.R_OK):
         _out(f"error: {data}: permission denied", sys.stderr)
         return 2
-    try:
-        tokenizer, note = _load_tokenizer(getattr(args, "base", None) or "base")
-    except ValueError as e:
-        _out(f"error: {e}", sys.stderr)
-        return 2
-    report = validate_file(data, tokenizer=tokenizer, max_seq_len=max_seq_len,
-                           batch_size=getattr(args, "batch_size", None) or 8,
-                           tokens_per_second=getattr(args, "tokens_per_second", None))
+    tokenizer, note = _load_tokenizer(args.base)
+    report = validate_file(data, tokenizer=tokenizer, max_seq_len=max_seq_len, batch_size=8)
     if not report.readable:
         _out(f"error: {report.errors[0].message}", sys.stderr)
         return 2
