@@ -52,10 +52,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="passes over the questions")
     args = ap.parse_args(argv)
 
-    from finetune_desktop.engine.model import ensure_single_threaded_blas
+    from finetune_desktop.engine.runtime import configure_process
     from finetune_desktop.training.chat import load_chat_model, prompt_ids, stream_reply
 
-    ensure_single_threaded_blas()
+    configure_process()
     cm = load_chat_model(args.model)
     tok = cm.tokenizer
     made = []

@@ -350,43 +350,50 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("name", KV_CASES)
-def test_kv_cache_forward_reproduces_full_logits(name):
-    m = make_model(name, dtype=np.float32, seed=2)
-    T = 13
-    ids = np.random.default_rng(0).integers(0, m.config.vocab_size, size=(2, T))
-    full = m.logits(ids)  # (2, T, V)
-    cache = m.new_kv_cache(2, T)
-    pieces = [m.forward(ids[:, :5], kv_cache=cache)[0]]  # prefill
-    pieces.append(m.forward(ids[:, 5:8], kv_cache=cache)[0])  # a 3-token chunk
-    for t in range(8, T):  # then one token at a time
-        pieces.append(m.forward(ids[:, t:t + 1], kv_cache=cache)[0])
-    got = np.concatenate(pieces, axis=1)
-    assert cache.length == T
-    err = _rel(got, full)
-    assert err < 2e-5, f"{name}: KV-cache logits differ from full-sequence logits by {err:.2e} (relative)"
-    last, _ = m.forward(ids, last_only=True)
-    assert _rel(last[:, 0], full[:, -1]) < 1e-6
+def test_decode_path_reproduces_full_logits(name):
+    """engine/decode.py (weights packed with the norms folded in, fused matmuls, a KV cache):
+    a prefill, a prefill of a 3-token chunk after it, then one token at a time, must give the
+    full-sequence logits of Model.forward at every position."""
+    from finetune_desktop.engine import decode
 
-
-@pytest.mark.parametrize("name", KV_CASES)
-def test_decode_one_reproduces_full_logits(name):
-    """The lean one-token path generate() uses (norms folded into weights, fused matmuls)."""
     m = make_model(name, dtype=np.float32, seed=3)
-    T, P = 14, 4
+    T = 14
     ids = np.random.default_rng(1).integers(0, m.config.vocab_size, size=T)
     full = m.logits(ids[None])[0]  # (T, V)
-    cache = m.new_kv_cache(1, T)
-    lg, _ = m.forward(ids[None, :P], kv_cache=cache, last_only=True)
-    assert _rel(lg[0, 0], full[P - 1]) < 2e-5
-    packed = m._pack_for_decoding()
+    dw = m.decode_weights()
+    cache = decode.KVCache.empty(m.config, 1, T)
+    errs = [_rel(decode.prefill(dw, ids[:5], cache), full[4])]
+    errs.append(_rel(decode.prefill(dw, ids[5:8], cache), full[7]))
+    assert cache.length == 8
     cos, sin = ops.rope_tables(m.config.inv_freq(), np.arange(T), m.dtype)
-    errs = []
-    for t in range(P, T):
-        out = m._decode_one(int(ids[t]), cache, packed, cos[t], sin[t])
+    bufs = decode._Buffers(m.config, m.dtype)
+    for t in range(8, T):
+        out = decode.step(dw, int(ids[t]), cache, cos[t], sin[t], bufs)
         assert out.shape == (m.config.vocab_size,) and out.dtype == np.float32
         errs.append(_rel(out, full[t]))
     assert cache.length == T
-    assert max(errs) < 2e-5, f"{name}: _decode_one logits differ from full logits, per position {np.round(errs, 8)}"
+    assert max(errs) < 2e-5, f"{name}: decode logits differ from full logits, per position {np.round(errs, 8)}"
+
+
+def test_decode_weights_follow_the_weights_version():
+    """The packed decode weights are rebuilt exactly when weights_changed() says the weights
+    changed, and LoRA is merged into them."""
+    m = make_model("gqa_bias_tied", dtype=np.float32, seed=3)
+    dw = m.decode_weights()
+    assert m.decode_weights() is dw
+    m.params["model.norm.weight"] *= 2.0
+    m.weights_changed()
+    dw2 = m.decode_weights()
+    assert dw2 is not dw
+    np.testing.assert_allclose(dw2.W_out, dw.W_out * 2.0, rtol=1e-6)
+    m.add_lora(LoraConfig(r=2, alpha=4.0), seed=1)
+    for k, v in m.lora.items():
+        if ".lora_B." in k:
+            v[...] = 0.1
+    m.weights_changed()
+    ids = np.arange(6)
+    merged = Model(m.config, m.merged_params())
+    assert list(m.generate(ids, max_new_tokens=5)) == list(merged.generate(ids, max_new_tokens=5))
 
 
 # ----------------------------------------------------------------------------- generate

@@ -247,11 +247,12 @@ def test_persona_eval_greedy_matches_a_direct_engine_call(tiny, tmp_path):
 def test_persona_eval_replies_like_the_chat_command(tiny):
     """With the same settings, the reply is what `finetune-desktop chat MODEL --prompt Q --temperature 0`
     prints (its default repetition penalty is 1.1)."""
-    from finetune_desktop.training.chat import load_chat_model, stream_reply
+    from finetune_desktop.training.chat import GenerationSettings, load_chat_model, stream_reply
 
     cm = load_chat_model(str(tiny))
     msgs = [{"role": "system", "content": "You are kind."}, {"role": "user", "content": "Hello! How are you?"}]
-    via_chat = "".join(stream_reply(cm, msgs, temperature=0.0, max_new_tokens=10, repetition_penalty=1.1)).strip()
+    via_chat = "".join(stream_reply(cm, msgs, GenerationSettings(temperature=0.0, max_new_tokens=10,
+                                                                 repetition_penalty=1.1))).strip()
     item = pe.ask(cm.model, cm.tokenizer, "Hello! How are you?", "You are kind.", max_new_tokens=10)
     assert item["reply"] == via_chat
 

@@ -352,6 +352,7 @@ def load_checkpoint(out: Path, model: Model):
     params = read_safetensors(d / "params.safetensors")
     for k in model.params:
         model.params[k][...] = params[k]
+    model.weights_changed()
     opt = read_safetensors(d / "adam.safetensors")
     adam = {"step": state["adam_step"],
             "m": {k: opt[f"m.{k}"].copy() for k in model.params},
@@ -515,6 +516,7 @@ def run(args) -> int:
             loss, grads = model.loss_and_grads(ids, labels)
             gnorm = optim.clip_grads(grads, args.grad_clip)
             optim.adamw_step(model.params, grads, adam, lr, acfg)
+            model.weights_changed()
             del grads
             dt = time.time() - t0
             n_tok = int((labels[:, 1:] != IGNORE).sum())

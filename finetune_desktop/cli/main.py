@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import sys
 
-from . import chat, gui, train, validate
+from . import chat, gui, quiz, train, validate
 from .common import Parser
 from .errors import CliError, describe_os_error
 
-COMMANDS = [gui, validate, train, chat]
+COMMANDS = [gui, validate, train, chat, quiz]
 
 
 def build_parser() -> Parser:
@@ -35,6 +35,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from ..engine.errors import UserError
+    from ..engine.runtime import configure_process
+
+    configure_process()
 
     try:
         return int(args.run(args))

@@ -122,6 +122,33 @@ def unmerge_lora(params: dict, lora: dict, scale: float) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- merged weights for a step
+def merging_pays_off(n_tokens: int, groups: list[tuple[int, int, int]]) -> bool:
+    """Whether folding scale * B @ A into the weights once per step costs less than running the
+    adapters beside the frozen weights for n_tokens tokens. groups: (out, in, rank) of every
+    adapted projection group. Making the merged copies costs about out x in x (2r + 8)
+    operations per group whatever the batch; the adapter path costs about
+    n_tokens x (6 in r + 2 r out + 16 out + 4 in). So short batches on large models keep the
+    separate path."""
+    merge = sum(o * i * (2 * r + 8) for o, i, r in groups)
+    adapter = sum(6 * i * r + 2 * r * o + 16 * o + 4 * i for o, i, r in groups)
+    return n_tokens * adapter >= merge
+
+
+def merged_group_weight(W_fused, stems, out_sizes: dict, lora: dict, scale: float):
+    """A copy of a fused group weight (the stems' weights stacked by rows) with each adapted
+    stem's scale * B @ A added to its rows."""
+    W = W_fused.copy()
+    off = 0
+    for st in stems:
+        n_out = out_sizes[st]
+        an, bn = lora_names(st + ".weight")
+        if an in lora:
+            W[off:off + n_out] += lora_delta(lora[an], lora[bn], scale)
+        off += n_out
+    return W
+
+
 # ---------------------------------------------------------------- forward/backward pair
 def lora_forward(x, A, B, scale, dropout=0.0, rng=None):
     """x (..., in) -> scale * (drop(x) @ A.T) @ B.T (..., out)."""

@@ -8,8 +8,11 @@ def make_application(argv=None):
     """The QApplication with the app's font (CJK fallbacks so Korean renders) and names."""
     from PySide6.QtWidgets import QApplication
 
+    from ..engine.runtime import configure_process
     from . import style
     from .paths import APP, ORG
+
+    configure_process()  # once, on the GUI thread, before any worker starts
     app = QApplication.instance()
     if app is None:
         app = QApplication(list(argv if argv is not None else sys.argv[:1]))

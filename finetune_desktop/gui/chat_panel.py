@@ -16,7 +16,8 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout
                                QToolButton, QVBoxLayout, QWidget)
 
 from . import style
-from .workers import GenerateWorker, GenerationJob, GenerationSettings
+from ..training.chat import GenerationSettings
+from .workers import ChatSettings, GenerateWorker, GenerationJob
 
 USER_BG, USER_FG = "#dbeafe", "#0b2b57"
 BOT_BG, BOT_FG = "#eef2f6", "#1d2733"
@@ -298,12 +299,12 @@ class ChatPanel(QWidget):
         self.transcript._render()
 
     # ------------------------------------------------------------------ sending
-    def settings(self) -> GenerationSettings:
+    def settings(self) -> ChatSettings:
         seed = self.seed.value()
-        return GenerationSettings(system_prompt=self.system_prompt.toPlainText(),
-                                  temperature=self.temperature.value(), top_p=self.top_p.value(),
-                                  top_k=self.top_k.value(), max_new_tokens=self.max_new.value(),
-                                  repetition_penalty=self.rep_pen.value(), seed=None if seed < 0 else seed)
+        return ChatSettings(self.system_prompt.toPlainText(), GenerationSettings(
+            temperature=self.temperature.value(), top_p=self.top_p.value(), top_k=self.top_k.value(),
+            max_new_tokens=self.max_new.value(), repetition_penalty=self.rep_pen.value(),
+            seed=None if seed < 0 else seed))
 
     def is_generating(self) -> bool:
         return self.worker is not None
@@ -396,7 +397,7 @@ class ChatPanel(QWidget):
         run_dir = self.current_run_dir()
         from .paths import app_home
         target = Path(run_dir) / "chats.jsonl" if run_dir else app_home() / "chats" / "base.jsonl"
-        s = self.settings()
+        s = self.settings().generation
         rec = {"conversation": self.conversation_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "model": self.model_selector.currentText(), "model_path": self.current_spec(),
                "system": self.effective_system_prompt(), "user": self.history[-2]["content"] if len(self.history) >= 2 else "",

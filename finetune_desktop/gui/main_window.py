@@ -53,8 +53,6 @@ class MainWindow(QMainWindow):
 
     def __init__(self, base_model=None, parent=None):
         super().__init__(parent)
-        from ..engine.model import ensure_single_threaded_blas
-        ensure_single_threaded_blas()  # once, on the GUI thread, before any worker starts
         self.setWindowTitle("Finetune Desktop")
         self.setAcceptDrops(True)
         # Closing during training asks first; tests and scripts switch this off

@@ -16,8 +16,11 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
+
+from ..training.chat import ChatModel, GenerationSettings, stream_reply
 
 FLUSH_INTERVAL_S = 0.1  # <= 10 UI updates per second
 
@@ -231,14 +234,10 @@ class TrainWorker(QObject):
 
 
 @dataclass(frozen=True)
-class GenerationSettings:
+class ChatSettings:
+    """What the chat panel asks for: a system prompt and the sampling settings."""
     system_prompt: str = ""
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 0
-    max_new_tokens: int = 200
-    repetition_penalty: float = 1.1
-    seed: int | None = None
+    generation: GenerationSettings = GenerationSettings()
 
 
 @dataclass(frozen=True)
@@ -285,31 +284,20 @@ class GenerateWorker(QObject):
 
     def _run_job(self, job: GenerationJob) -> None:
         model, tok = self.cache.get(job.model_spec)
-        s = self.settings
         msgs = []
-        system = (job.system if job.system is not None else s.system_prompt).strip()
+        system = (job.system if job.system is not None else self.settings.system_prompt).strip()
         if system:
             msgs.append({"role": "system", "content": system})
         msgs.extend(dict(m) for m in job.messages)
-        from ..training.chat import prompt_ids
-        limit = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
-        max_new = max(1, min(s.max_new_tokens, limit - 1))
-        ids = prompt_ids(tok, msgs, limit, max_new)   # drops the oldest turns of a long chat
-        max_new = max(1, min(max_new, limit - len(ids)))
-        dec = tok.stream_decoder(skip_special_tokens=True)
-        last = 0.0
-        for t in model.generate(ids, max_new_tokens=max_new, temperature=s.temperature,
-                                top_k=s.top_k or None, top_p=s.top_p if s.top_p < 1.0 else None,
-                                repetition_penalty=s.repetition_penalty, seed=s.seed,
-                                stop_ids=tok.end_of_turn_ids):
-            dec.push(t)
+        text, last = "", 0.0
+        for piece in stream_reply(ChatModel(model, tok, Path(job.model_spec)), msgs, self.settings.generation,
+                                  should_stop=self._stop.is_set):
+            text += piece
             now = time.monotonic()
             if now - last >= 0.033:
                 last = now
-                self.piece.emit(job.target, dec.text)
-            if self._stop.is_set():
-                break
-        text = dec.text.strip()
+                self.piece.emit(job.target, text)
+        text = text.strip()
         self.piece.emit(job.target, text)
         self.replyDone.emit(job.target, text)
 

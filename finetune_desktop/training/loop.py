@@ -42,7 +42,6 @@ from .memory import available_memory_bytes, estimate_peak_memory
 from .runs import (MetricsWriter, latest_checkpoint, load_checkpoint, now_iso, read_run_json, save_checkpoint,
                    truncate_metrics, update_run_json, write_run_json)
 from .snapshots import SnapshotMaker
-from .threads import blas_threads
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
@@ -177,7 +176,7 @@ def train(model, train_examples, valid_examples, config: TrainConfig, hyper: Hyp
     Runs with the BLAS thread limit of threads.py; numpy overflow warnings are silenced (the
     padding mask adds two very negative numbers on purpose; real overflows are caught as
     non-finite losses or gradients)."""
-    with blas_threads(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         return _train(model, train_examples, valid_examples, config, hyper, run_dir, on_event, control, resume,
                       options, base_dir, segments, pad_id, batcher)
 
@@ -213,6 +212,7 @@ def _train(model, train_examples, valid_examples, config, hyper, run_dir, on_eve
                 opt["m"][k][...] = ost["m"][k]
                 opt["v"][k][...] = ost["v"][k]
             opt["step"] = ost["step"]
+            model.weights_changed()
             step = resumed_from = int(st["step"])
             elapsed_before = float(st.get("elapsed_s", 0.0))
             best_valid = float(st.get("best_valid_loss", float("inf")) or float("inf"))
@@ -354,6 +354,7 @@ def _train(model, train_examples, valid_examples, config, hyper, run_dir, on_eve
                     raise TrainingDiverged("the activations overflowed and the gradients became exactly zero")
                 before = snap.before_update() if want_snap else None
                 rel = adamw_step(P, grads, opt, lr, acfg)
+                model.weights_changed()
                 t4 = time.perf_counter()
                 del grads
                 step += 1
@@ -408,6 +409,7 @@ def _train(model, train_examples, valid_examples, config, hyper, run_dir, on_eve
         if config.restore_best and best_params is not None:
             for k, v in P.items():
                 v[...] = best_params[k]
+            model.weights_changed()
         model_dir = save_outputs(model, run_dir, base_dir, default_system)
         el = elapsed()
         final = {"train_loss": last_train, "valid_loss": last_valid, "steps": step, "elapsed_s": el,
