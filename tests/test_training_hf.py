@@ -63,7 +63,7 @@ def test_adapter_in_peft_same_logits_as_merged_model(folder, lora_run):
 def test_default_system_prompt_template_renders_the_same_in_transformers(folder, tmp_path):
     transformers = pytest.importorskip("transformers")
     from finetune_desktop.engine import Tokenizer
-    from finetune_desktop.training.loop import tokenizer_files
+    from finetune_desktop.training.runs import tokenizer_files
 
     system = 'Du bist ein "Pirat".\n너는 경상도 아지매다. {{ not code }} {% raw %}'
     for name, data in tokenizer_files(folder, system).items():

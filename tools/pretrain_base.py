@@ -55,6 +55,7 @@ from finetune_desktop.engine.checkpoint import (atomic_write_json, make_temp_dir
                                                 write_safetensors)
 from finetune_desktop.engine.config import ModelConfig  # noqa: E402
 
+import faq_corpus  # noqa: E402
 import train_tokenizer as tt  # noqa: E402
 
 IGNORE = ops.IGNORE_INDEX
@@ -166,6 +167,8 @@ class Data:
         for _ in range(a.phase1_dialog_repeat):
             docs += [dialog_as_plain(d["messages"]) for d in train]
         docs += [dialog_as_plain(d["messages"]) for d in load_thirdparty_dialogs(build)]
+        if a.faq_weight > 0:
+            docs += faq_corpus.plain_documents(Path(a.corpus_dir))
         write_jsonl_atomic(path, [{"text": t} for t in docs])
         return path
 
@@ -213,6 +216,15 @@ class Data:
             for _ in range(a.phase2_dialog_repeat):
                 convs += [d["messages"] for d in train]
             convs += [d["messages"] for d in load_thirdparty_dialogs(Path(a.build_dir))]
+            # paraphrase families: faq_weight epochs' worth of them per dialog epoch (fractions
+            # keep that share of one epoch's conversations)
+            w = a.faq_weight
+            k = 0
+            while w > 0:
+                fam = faq_corpus.epoch_conversations(a.seed, e * 100 + k, Path(a.corpus_dir))
+                convs += fam[:int(round(len(fam) * min(1.0, w)))]
+                w -= 1.0
+                k += 1
             write_jsonl_atomic(path, [{"messages": m} for m in convs])
         return path
 
@@ -320,6 +332,34 @@ def evaluate(model: Model, tok: Tokenizer, convs, max_len: int = 512, batch: int
             "heldout_tokens": n_all}
 
 
+def faq_eval(model: Model, tok: Tokenizer, corpus_dir: Path, n: int = 80) -> dict:
+    """Held-out wordings of facts the pretraining taught (greedy; right when the reply holds the
+    whole answer) and the paraphrase probe on the project's sample FAQs."""
+    from finetune_desktop.training.quiz import reproduces
+    import paraphrase_probe
+
+    items = faq_corpus.heldout_quiz(corpus_dir, max_items=n)
+    right = 0
+    for it in items:
+        msgs = [{"role": "system", "content": it["system"]}, {"role": "user", "content": it["question"]}]
+        ids = tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=True))
+        gen = list(model.generate(ids, max_new_tokens=64, temperature=0.0, repetition_penalty=1.1,
+                                  stop_ids=tok.end_of_turn_ids))
+        right += reproduces(tok.decode(gen, skip_special_tokens=True), it["answer"])
+    out = {"faq_heldout_wordings": right, "faq_heldout_items": len(items)}
+    root = HERE.parent
+    for name, data, quiz in (("bike", "sample_data/faq_bike_shop.jsonl", "sample_data/faq_bike_shop_quiz.jsonl"),
+                             ("pool", "tools/eval_data/faq_swimming_pool.jsonl",
+                              "tools/eval_data/faq_swimming_pool_quiz.jsonl"),
+                             ("ko", "sample_data/faq_gimbap_cafe_ko.jsonl", "sample_data/faq_gimbap_cafe_ko_quiz.jsonl")):
+        if (root / data).exists() and (root / quiz).exists():
+            tq, ta, qq, qa = paraphrase_probe.load_pairs(root / data, root / quiz)
+            te = paraphrase_probe.embed(model, tok, tq)
+            qe = paraphrase_probe.embed(model, tok, qq)
+            out[f"probe_{name}"] = [paraphrase_probe.nearest_hits(te[l], qe[l], ta, qa) for l in range(len(te))]
+    return out
+
+
 def sample_replies(model: Model, tok: Tokenizer, prompts, max_new: int = 48):
     out = {}
     for p in prompts:
@@ -393,9 +433,9 @@ SAVED_ARGS = ("seed", "build_dir", "corpus_dir", "hidden_size", "intermediate_si
               "batch_size", "phase1_steps", "phase2_steps", "phase1_minutes", "phase2_minutes",
               "lr1", "lr2", "min_lr_ratio", "warmup1", "warmup2", "weight_decay", "grad_clip",
               "beta2", "gloss_weight", "phase1_dialog_repeat", "phase2_dialog_repeat",
-              "phase2_plain_frac", "heldout_frac", "max_heldout", "phase2_loss")
+              "phase2_plain_frac", "heldout_frac", "max_heldout", "phase2_loss", "faq_weight", "init_from")
 # settings added after the first runs: what a run folder without them used
-SAVED_DEFAULTS = {"phase2_loss": "assistant"}
+SAVED_DEFAULTS = {"phase2_loss": "assistant", "faq_weight": 0.0, "init_from": None}
 
 
 class Logger:
@@ -438,6 +478,16 @@ def run(args) -> int:
     eos_id, pad_id = tok.token_to_id(IM_END), tok.token_to_id(EOT)
     cfg = model_config(args, tok.vocab_size, eos_id, pad_id)
     model = Model.from_config(cfg, seed=args.seed)
+    if args.init_from and not resuming:
+        init = Model.from_pretrained(args.init_from)
+        if init.config.to_hf_dict() != model.config.to_hf_dict() and set(init.params) != set(model.params):
+            raise SystemExit(f"error: --init-from {args.init_from}: its shape differs from the configured model")
+        for k, v in init.params.items():
+            if model.params[k].shape != v.shape:
+                raise SystemExit(f"error: --init-from {args.init_from}: {k} has shape {v.shape}, "
+                                 f"the configured model needs {model.params[k].shape}")
+            model.params[k][...] = v
+        model.weights_changed()
     log = Logger(out / "log.jsonl", quiet=args.quiet)
     if resuming:
         state, adam = load_checkpoint(out, model)
@@ -476,6 +526,8 @@ def run(args) -> int:
                "tokens_seen": state["tokens_seen"], **{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()}}
         if state["phase"] == 2 and not args.no_samples:
             rec["samples"] = sample_replies(model, tok, SAMPLE_PROMPTS)
+        if state["phase"] == 2 and args.faq_weight > 0:
+            rec.update(faq_eval(model, tok, Path(args.corpus_dir)))
         rec["eval_s"] = round(time.time() - t0, 2)
         log(rec)
 
@@ -615,6 +667,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--phase2-plain-frac", type=float, default=0.125)
     ap.add_argument("--phase2-loss", choices=("all", "assistant"), default="all",
                     help="phase-2 loss on every conversation token or only on the assistant replies")
+    ap.add_argument("--faq-weight", type=float, default=1.0,
+                    help="phase-2 epochs of paraphrase-family conversations (tools/faq_corpus.py) per "
+                         "epoch of everyday dialogs; 0 = none")
+    ap.add_argument("--init-from", default=None,
+                    help="start from this model folder's weights instead of random ones (same shape and "
+                         "tokenizer); with --phase1-steps 0 this continues pretraining in phase 2")
     ap.add_argument("--heldout-frac", type=float, default=0.02)
     ap.add_argument("--max-heldout", type=int, default=160)
     # housekeeping

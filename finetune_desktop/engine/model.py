@@ -419,6 +419,20 @@ class Model:
         lg, _ = self.forward(input_ids, attention_mask=attention_mask)
         return lg
 
+    def hidden_states(self, input_ids, attention_mask=None) -> list[np.ndarray]:
+        """The residual stream (B, T, C) at the input of every layer and after the last one
+        (L + 1 arrays; the first is the token embeddings), read from a forward's cache: each
+        layer's first RMSNorm keeps x / rms(x) and 1 / rms(x)."""
+        _, (shards, caches) = self.forward(input_ids, attention_mask=attention_mask)
+        out = []
+        for l in range(self.config.num_hidden_layers + 1):
+            parts = []
+            for c_emb, layer_caches, c_lnf, _, _ in caches:
+                xhat, _, rstd = layer_caches[l][0] if l < self.config.num_hidden_layers else c_lnf
+                parts.append(xhat / rstd)
+            out.append(np.concatenate(parts, axis=0))
+        return out
+
     def loss_forward(self, logits, labels, overwrite_logits: bool = False):
         """The mean cross-entropy over the batch, per shard in parallel (engine/loss.py)."""
         return loss_mod.loss_forward(logits, labels, self.shards(logits.shape[0]), overwrite_logits)

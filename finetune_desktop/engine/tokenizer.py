@@ -40,6 +40,15 @@ def _make_env():
     return env
 
 
+def template_with_default_system(template: str, system_prompt: str) -> str:
+    """The chat template, preceded by a line that adds `system_prompt` as the first message when a
+    conversation has no system message of its own (as Qwen's templates do with their default)."""
+    lit = json.dumps(system_prompt, ensure_ascii=False)  # JSON escapes are valid Jinja string escapes
+    head = ("{%- set messages = messages if (messages and messages[0]['role'] == 'system') "
+            f"else [{{'role': 'system', 'content': {lit}}}] + messages %}}")
+    return head + template
+
+
 class Tokenizer:
     def __init__(self, backend, config: dict | None = None, chat_template: str | None = None,
                  extra_eos_ids: Iterable[int] = ()):

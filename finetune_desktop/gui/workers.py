@@ -114,14 +114,13 @@ def lower_current_thread_priority(nice: int | None = None) -> None:
 
 def plain_error(exc: BaseException) -> str:
     """One line a user can read: never a traceback."""
-    from ..engine.config import ModelFormatError
+    from ..engine.errors import UserError
     if isinstance(exc, MemoryError):
         return "Out of memory. Try a smaller batch size, a shorter max sequence length, or LoRA instead of full."
-    if isinstance(exc, (ModelFormatError, ValueError, OSError, KeyError)):
-        msg = str(exc) or type(exc).__name__
-        if isinstance(exc, OSError) and exc.strerror:
-            msg = f"{exc.filename or ''}: {exc.strerror}".strip(": ")
-        return msg
+    if isinstance(exc, UserError):
+        return str(exc) or type(exc).__name__
+    if isinstance(exc, OSError):
+        return f"{exc.filename or ''}: {exc.strerror or exc}".strip(": ")
     return f"Something went wrong ({type(exc).__name__}: {exc}). The app is still running; please report this."
 
 

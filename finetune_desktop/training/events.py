@@ -92,6 +92,13 @@ class RunStopped:
 
 
 @dataclass(frozen=True)
+class RunPaused:
+    """Sent when the loop starts waiting in a pause (so receivers can show everything up to here)."""
+    run_dir: str
+    step: int
+
+
+@dataclass(frozen=True)
 class RunFailed:
     run_dir: str
     reason: str               # in plain words, with a suggested fix

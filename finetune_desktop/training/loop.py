@@ -10,6 +10,11 @@ No Qt here. Everything the outside sees goes through `on_event(event)` with the 
 `events.py` (always copies), `metrics.jsonl` (one line per step / evaluation) and the run folder.
 A `TrainControl` is checked between steps: stop and pause take effect within one step.
 
+How it is organised: `train` sets up a `_Run` (what stays fixed for the run: model, optimizer,
+data, callbacks) and a `RunState` (what changes and is saved in checkpoints: step, best
+validation loss, ...), then calls small functions: `_restore` (resume from a checkpoint),
+`_step` (one step of the four phases), `_evaluate`, `_checkpoint` and `_finish`.
+
 Determinism: the batches of epoch e depend only on (seed, e); LoRA dropout draws from a generator
 seeded with (seed, step); so a run resumed from a checkpoint repeats the uninterrupted run's
 losses bit for bit (on the same machine and library versions).
@@ -20,12 +25,11 @@ the chosen decay again over the added steps), keeping the weights and the AdamW 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -36,15 +40,12 @@ from ..engine.optim import AdamWConfig, adamw_init, adamw_step, clip_grads, lr_a
 from .auto import Hyperparameters
 from .config import TrainConfig
 from .control import TrainControl
-from .events import (CheckpointSaved, EvalMetrics, PhaseEvent, PhaseTimes, RunFailed, RunFinished, RunStarted,
-                     RunStopped, StepMetrics)
+from .events import (CheckpointSaved, EvalMetrics, PhaseEvent, PhaseTimes, RunFailed, RunFinished, RunPaused,
+                     RunStarted, RunStopped, StepMetrics)
 from .memory import available_memory_bytes, estimate_peak_memory
 from .runs import (MetricsWriter, latest_checkpoint, load_checkpoint, now_iso, read_run_json, save_checkpoint,
-                   truncate_metrics, update_run_json, write_run_json)
+                   save_run_model, truncate_metrics, update_run_json, write_run_json)
 from .snapshots import SnapshotMaker
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,56 @@ class TrainResult:
 
 class TrainingDiverged(Exception):
     pass
+
+
+@dataclass
+class RunState:
+    """What changes as a run goes; saved in every checkpoint's state.json."""
+    segments: list[dict]                   # the learning-rate schedule (see the module docstring)
+    step: int = 0                          # steps done
+    elapsed_before: float = 0.0            # seconds of earlier sessions of this run
+    best_valid: float = math.inf
+    bad_evals: int = 0                     # evaluations since the best validation loss
+    last_train: float | None = None
+    last_valid: float | None = None
+    checkpoint: str | None = None          # the newest checkpoint folder
+    early_stopped: bool = False
+    best_params: dict | None = field(default=None, repr=False)   # with restore_best
+
+    @property
+    def total_steps(self) -> int:
+        return self.segments[-1]["start"] + self.segments[-1]["steps"]
+
+
+@dataclass
+class _Run:
+    """What stays fixed for a run's life."""
+    model: object
+    train_examples: Sequence
+    valid_examples: Sequence
+    config: TrainConfig
+    hyper: Hyperparameters
+    run_dir: Path
+    emit: Callable
+    control: TrainControl
+    options: LoopOptions
+    base_dir: Path | None
+    pad_id: int
+    batcher: Callable
+    params: dict = field(default_factory=dict)      # the trainable arrays the optimizer updates in place
+    opt: dict = field(default_factory=dict)
+    acfg: AdamWConfig = field(default_factory=AdamWConfig)
+    metrics: MetricsWriter | None = None
+    snap: SnapshotMaker | None = None
+    t_start: float = 0.0
+    default_system: str | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.hyper.steps_per_epoch
+
+    def elapsed(self, st: RunState) -> float:
+        return st.elapsed_before + (time.perf_counter() - self.t_start)
 
 
 def default_segments(hyper: Hyperparameters) -> list[dict]:
@@ -119,49 +170,254 @@ def _diverged_message(what: str, step: int, lr: float, ckpt: str | None) -> str:
             f"{lower}, or 'auto'.{keep}")
 
 
-def template_with_default_system(template: str, system_prompt: str) -> str:
-    """The chat template, preceded by a line that adds `system_prompt` as the first message when a
-    conversation has no system message of its own (as Qwen's templates do with their default)."""
-    lit = json.dumps(system_prompt, ensure_ascii=False)  # JSON escapes are valid Jinja string escapes
-    head = ("{%- set messages = messages if (messages and messages[0]['role'] == 'system') "
-            f"else [{{'role': 'system', 'content': {lit}}}] + messages %}}")
-    return head + template
+# ----------------------------------------------------------------------------- the steps of a run
+def _restore(run: _Run, st: RunState, segments_given: bool) -> None:
+    """Load the newest checkpoint into the trainable weights, the optimizer and the run state."""
+    cp = latest_checkpoint(run.run_dir)
+    if cp is None:
+        return
+    tr, ost, saved = load_checkpoint(cp)
+    for k, v in run.params.items():
+        if k not in tr or tr[k].shape != v.shape:
+            raise ValueError(f"{cp}: checkpoint tensor {k!r} is missing or has the wrong shape")
+        v[...] = tr[k]
+        run.opt["m"][k][...] = ost["m"][k]
+        run.opt["v"][k][...] = ost["v"][k]
+    run.opt["step"] = ost["step"]
+    run.model.weights_changed()
+    st.step = int(saved["step"])
+    st.elapsed_before = float(saved.get("elapsed_s", 0.0))
+    st.best_valid = float(saved.get("best_valid_loss", math.inf) or math.inf)
+    st.bad_evals = int(saved.get("evals_without_improvement", 0))
+    st.last_train, st.last_valid = saved.get("last_train_loss"), saved.get("last_valid_loss")
+    if not segments_given and saved.get("segments"):
+        st.segments = [dict(s) for s in saved["segments"]]
+    if run.config.restore_best and (cp / "best.safetensors").exists():
+        st.best_params = read_safetensors(cp / "best.safetensors")
+    st.checkpoint = str(cp)
+    truncate_metrics(run.run_dir, st.step)
 
 
-def tokenizer_files(base_dir: Path | None, default_system: str | None = None) -> dict[str, bytes]:
-    """The tokenizer files of the base model, to copy next to the tuned weights. With
-    default_system, the chat template gains that system prompt as its default."""
-    extra = {}
-    if base_dir is None:
-        return extra
-    for name in TOKENIZER_FILES:
-        f = Path(base_dir) / name
-        if f.is_file():
-            extra[name] = f.read_bytes()
-    if default_system:
-        if "chat_template.jinja" in extra:
-            t = extra["chat_template.jinja"].decode("utf-8")
-            extra["chat_template.jinja"] = template_with_default_system(t, default_system).encode("utf-8")
-        if "tokenizer_config.json" in extra:
-            try:
-                cfg = json.loads(extra["tokenizer_config.json"].decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                cfg = None
-            if isinstance(cfg, dict) and isinstance(cfg.get("chat_template"), str):
-                cfg["chat_template"] = template_with_default_system(cfg["chat_template"], default_system)
-                extra["tokenizer_config.json"] = (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    return extra
+def _state_dict(run: _Run, st: RunState) -> dict:
+    S = run.steps_per_epoch
+    return {"step": st.step, "epoch": st.step / S, "elapsed_s": run.elapsed(st), "segments": st.segments,
+            "steps_per_epoch": S, "batch_size": run.hyper.batch_size, "seed": run.config.seed,
+            "data_order": {"seed": run.config.seed, "batcher": "make_batches(examples, batch_size, seed, epoch)"},
+            "rng": {"dropout": "numpy default_rng([seed, step]) per step"},
+            "best_valid_loss": (st.best_valid if math.isfinite(st.best_valid) else None),
+            "evals_without_improvement": st.bad_evals,
+            "last_train_loss": st.last_train, "last_valid_loss": st.last_valid, "saved": now_iso()}
 
 
-def save_outputs(model, run_dir: Path, base_dir: Path | None, default_system: str | None = None) -> str:
-    """Write model/ (LoRA merged, tokenizer files copied) and, with LoRA, adapter/ atomically."""
-    extra = tokenizer_files(base_dir, default_system)
-    model.save_pretrained(run_dir / "model", extra_files=extra)
-    if model.lora is not None:
-        model.save_adapter(run_dir / "adapter", base_model_name_or_path=str(base_dir) if base_dir else None)
-    return str(run_dir / "model")
+def _checkpoint(run: _Run, st: RunState) -> str:
+    """Save the resumable state at this step (once per step)."""
+    if st.checkpoint is not None and Path(st.checkpoint).name == f"step-{st.step:06d}" and Path(st.checkpoint).exists():
+        return st.checkpoint
+    cp = save_checkpoint(run.run_dir, st.step, run.params, run.opt, _state_dict(run, st),
+                         keep=run.options.keep_checkpoints)
+    if st.best_params is not None:
+        write_safetensors(cp / "best.safetensors", st.best_params)
+    st.checkpoint = str(cp)
+    update_run_json(run.run_dir, step=st.step, checkpoint=str(cp.relative_to(run.run_dir)), elapsed_s=run.elapsed(st))
+    run.emit(CheckpointSaved(step=st.step, epoch=st.step / run.steps_per_epoch, path=st.checkpoint))
+    return st.checkpoint
 
 
+def _evaluate(run: _Run, st: RunState) -> None:
+    """Validation loss and accuracy (when there is validation data); tracks the best."""
+    if not run.valid_examples:
+        return
+    vl, va = evaluate(run.model, run.valid_examples, run.hyper.batch_size, run.pad_id, run.batcher)
+    if not math.isfinite(vl):
+        raise TrainingDiverged("the validation loss became NaN or infinite")
+    st.last_valid = vl
+    ep = st.step / run.steps_per_epoch
+    run.metrics.write({"step": st.step, "epoch": ep, "valid_loss": vl, "valid_token_accuracy": va,
+                       "elapsed_s": run.elapsed(st)})
+    run.emit(EvalMetrics(step=st.step, epoch=ep, valid_loss=vl, valid_token_accuracy=va))
+    if vl < st.best_valid - 1e-6:
+        st.best_valid, st.bad_evals = vl, 0
+        if run.config.restore_best:
+            st.best_params = {k: v.copy() for k, v in run.params.items()}
+    else:
+        st.bad_evals += 1
+
+
+@dataclass
+class _StepTimer:
+    ema: float | None = None
+    last_snapshot: float = -1e9
+
+
+def _step(run: _Run, st: RunState, b, timer: _StepTimer) -> None:
+    """One training step on batch b: forward, loss, backward, update; then metrics and events."""
+    model, cfg, opts, emit = run.model, run.config, run.options, run.emit
+    step = st.step
+    lr = lr_for_step(step, st.segments, cfg.schedule)
+    rng = np.random.default_rng([cfg.seed, step]) if cfg.lora_dropout > 0 else None
+    if opts.phase_events:
+        emit(PhaseEvent(step + 1, "forward"))
+    t0 = time.perf_counter()
+    logits, cache = model.forward(b.input_ids, attention_mask=b.attention_mask, train=True, rng=rng)
+    if opts.phase_events:
+        emit(PhaseEvent(step + 1, "loss"))
+    t1 = time.perf_counter()
+    loss, lc = model.loss_forward(logits, b.labels, overwrite_logits=True)
+    del logits
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"the loss became {'NaN' if math.isnan(loss) else 'infinite'}")
+    dlogits = model.loss_backward(lc)
+    n_counted, n_correct = lc.counted, lc.correct
+    del lc
+    if opts.phase_events:
+        emit(PhaseEvent(step + 1, "backward"))
+    t2 = time.perf_counter()
+    grads = model.backward(dlogits, cache)
+    del cache, dlogits
+    if opts.phase_events:
+        emit(PhaseEvent(step + 1, "update"))
+    t3 = time.perf_counter()
+    want_snap = (time.perf_counter() - timer.last_snapshot) >= cfg.snapshot_interval_s
+    layer_gn = run.snap.grad_norms(grads) if want_snap else None  # before clipping: what backprop produced
+    gnorm = clip_grads(grads, cfg.grad_clip)
+    if not math.isfinite(gnorm):
+        raise TrainingDiverged("the gradients became NaN or infinite")
+    if gnorm == 0.0 and n_counted and loss > 1e-3:
+        # every gradient exactly zero while the loss is not: activations overflowed and the
+        # network went dead (it predicts a flat distribution and can no longer learn)
+        raise TrainingDiverged("the activations overflowed and the gradients became exactly zero")
+    before = run.snap.before_update() if want_snap else None
+    rel = adamw_step(run.params, grads, run.opt, lr, run.acfg)
+    model.weights_changed()
+    t4 = time.perf_counter()
+    del grads
+    st.step = step + 1
+    st.last_train = float(loss)
+    dt = t4 - t0
+    timer.ema = dt if timer.ema is None else 0.8 * timer.ema + 0.2 * dt
+    ntok = int(b.attention_mask.sum())
+    acc = n_correct / n_counted if n_counted else 0.0
+    el = run.elapsed(st)
+    phases = PhaseTimes((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, (t4 - t3) * 1e3)
+    sm = StepMetrics(step=st.step, epoch=st.step / run.steps_per_epoch, train_loss=st.last_train,
+                     train_token_accuracy=acc, lr=lr, grad_norm=gnorm, tokens_per_s=ntok / dt if dt > 0 else 0.0,
+                     elapsed_s=el, eta_s=timer.ema * (st.total_steps - st.step), total_steps=st.total_steps,
+                     phases=phases)
+    run.metrics.write({"step": st.step, "epoch": sm.epoch, "train_loss": sm.train_loss, "train_token_accuracy": acc,
+                       "lr": lr, "grad_norm": gnorm, "tokens_per_s": sm.tokens_per_s, "elapsed_s": el,
+                       "eta_s": sm.eta_s, "forward_ms": phases.forward_ms, "loss_ms": phases.loss_ms,
+                       "backward_ms": phases.backward_ms, "update_ms": phases.update_ms,
+                       "tokens": ntok, "trained_tokens": int(n_counted)})
+    emit(sm)
+    if want_snap:
+        t5 = time.perf_counter()
+        emit(run.snap.build(st.step, before, layer_gn, run.control.focus_matrix, rel))
+        # never spend more than ~1/6 of the time on snapshots (full fine-tuning of big matrices)
+        timer.last_snapshot = time.perf_counter() + 5 * (time.perf_counter() - t5)
+
+
+def _after_step(run: _Run, st: RunState) -> None:
+    """Evaluate and checkpoint where the schedule says so; early stopping."""
+    S = run.steps_per_epoch
+    epoch_end = st.step % S == 0
+    if epoch_end or (run.hyper.eval_every and st.step % run.hyper.eval_every == 0):
+        _evaluate(run, st)
+    if epoch_end and (run.config.checkpoint_every_epoch or st.step >= st.total_steps):
+        _checkpoint(run, st)
+    patience = run.config.early_stopping_patience
+    if run.valid_examples and patience and st.bad_evals >= patience:
+        st.early_stopped = True  # no better validation loss for `patience` evaluations
+
+
+def _train_epochs(run: _Run, st: RunState) -> bool:
+    """Steps until the schedule ends, early stopping, or a stop request. True when stopped."""
+    S = run.steps_per_epoch
+    timer = _StepTimer()
+
+    def on_pause():
+        run.emit(RunPaused(run_dir=str(run.run_dir), step=st.step))
+
+    while st.step < st.total_steps and not st.early_stopped:
+        e = st.step // S
+        batches = run.batcher(run.train_examples, run.hyper.batch_size, run.config.seed, e, run.pad_id)
+        if len(batches) != S:
+            raise RuntimeError(f"epoch {e} has {len(batches)} batches, expected {S}")
+        for i in range(st.step - e * S, S):
+            if run.control.wait_while_paused(on_pause=on_pause):
+                return True
+            _step(run, st, batches[i], timer)
+            _after_step(run, st)
+            if st.early_stopped:
+                break
+    return False
+
+
+def _finish(run: _Run, st: RunState, stopped: bool) -> TrainResult:
+    """Write the final checkpoint, model/ and adapter/, the run's status; send the end event."""
+    rd = str(run.run_dir)
+    if stopped:
+        cp = _checkpoint(run, st)
+        model_dir = save_run_model(run.model, run.run_dir, run.base_dir, run.default_system) \
+            if run.options.save_model_on_stop else None
+        el = run.elapsed(st)
+        update_run_json(run.run_dir, status="stopped", step=st.step, stopped=now_iso(), elapsed_s=el,
+                        final={"train_loss": st.last_train, "valid_loss": st.last_valid, "steps": st.step,
+                               "elapsed_s": el})
+        run.metrics.close()
+        run.emit(RunStopped(run_dir=rd, step=st.step, checkpoint=cp))
+        return TrainResult("stopped", rd, st.step, st.last_train, st.last_valid, el, model_dir, cp)
+    if st.step % run.steps_per_epoch != 0 or not run.config.checkpoint_every_epoch:
+        _checkpoint(run, st)  # the final state, so more epochs can be added later
+    restored = bool(run.config.restore_best and st.best_params is not None)
+    if restored:
+        for k, v in run.params.items():
+            v[...] = st.best_params[k]
+        run.model.weights_changed()
+    model_dir = save_run_model(run.model, run.run_dir, run.base_dir, run.default_system)
+    el = run.elapsed(st)
+    final = {"train_loss": st.last_train, "valid_loss": st.last_valid, "steps": st.step, "elapsed_s": el,
+             "best_valid_loss": st.best_valid if math.isfinite(st.best_valid) else None,
+             "early_stopped": st.early_stopped, "restored_best": restored}
+    update_run_json(run.run_dir, status="finished", step=st.step, finished=now_iso(), elapsed_s=el, final=final,
+                    model="model", adapter="adapter" if run.model.lora is not None else None)
+    run.metrics.close()
+    run.emit(RunFinished(run_dir=rd, model_dir=model_dir, final_train_loss=st.last_train,
+                         final_valid_loss=st.last_valid, steps=st.step, elapsed_s=el))
+    return TrainResult("finished", rd, st.step, st.last_train, st.last_valid, el, model_dir, st.checkpoint)
+
+
+def _fail(run: _Run, st: RunState, reason: str) -> TrainResult:
+    run.metrics.close()
+    el = run.elapsed(st)
+    try:
+        update_run_json(run.run_dir, status="failed", step=st.step, finished=now_iso(),
+                        failure={"reason": reason, "step": st.step + 1, "checkpoint": st.checkpoint})
+    except Exception:  # noqa: BLE001 - the failure itself must still be reported
+        pass
+    run.emit(RunFailed(run_dir=str(run.run_dir), reason=reason, step=st.step, checkpoint=st.checkpoint))
+    return TrainResult("failed", str(run.run_dir), st.step, st.last_train, st.last_valid, el, None, st.checkpoint,
+                       reason)
+
+
+def _memory_problem(run: _Run) -> str | None:
+    """Why this run would not fit in memory, or None."""
+    opts = run.options
+    if not opts.check_memory:
+        return None
+    longest = max((len(e) for e in run.train_examples), default=1)
+    avail = available_memory_bytes()
+    if opts.memory_limit_bytes:
+        avail = min(avail, opts.memory_limit_bytes) if avail else opts.memory_limit_bytes
+    model = run.model
+    est = estimate_peak_memory(model.config, model.num_parameters(), int(sum(v.size for v in run.params.values())),
+                               run.hyper.batch_size, longest, full=model.lora is None, available=avail)
+    if est.fits:
+        return None
+    return (f"This run would not fit in memory: {est.explain()}. Use a smaller batch size or a shorter "
+            "maximum length, or LoRA instead of full fine-tuning.")
+
+
+# ----------------------------------------------------------------------------- the entry point
 def train(model, train_examples, valid_examples, config: TrainConfig, hyper: Hyperparameters, run_dir,
           on_event: Callable | None = None, control: TrainControl | None = None, resume: bool = False,
           options: LoopOptions = LoopOptions(), base_dir=None, segments: list[dict] | None = None,
@@ -173,279 +429,56 @@ def train(model, train_examples, valid_examples, config: TrainConfig, hyper: Hyp
     then extend the schedule (more epochs). Returns a TrainResult; never raises for a diverged
     run or a stop (those become RunFailed / RunStopped events).
 
-    Runs with the BLAS thread limit of threads.py; numpy overflow warnings are silenced (the
-    padding mask adds two very negative numbers on purpose; real overflows are caught as
-    non-finite losses or gradients)."""
+    numpy overflow warnings are silenced (the padding mask adds two very negative numbers on
+    purpose; real overflows are caught as non-finite losses or gradients)."""
+    run = _Run(model=model, train_examples=train_examples, valid_examples=valid_examples, config=config, hyper=hyper,
+               run_dir=Path(run_dir), emit=on_event or (lambda e: None), control=control or TrainControl(),
+               options=options, base_dir=Path(base_dir) if base_dir is not None else None, pad_id=pad_id,
+               batcher=batcher or _default_batcher())
+    run.params = model.trainable_params()
+    run.opt = adamw_init(run.params)
+    run.acfg = AdamWConfig(weight_decay=config.weight_decay)
+    st = RunState(segments=[dict(s) for s in (segments or default_segments(hyper))])
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        return _train(model, train_examples, valid_examples, config, hyper, run_dir, on_event, control, resume,
-                      options, base_dir, segments, pad_id, batcher)
-
-
-def _train(model, train_examples, valid_examples, config, hyper, run_dir, on_event, control, resume, options,
-           base_dir, segments, pad_id, batcher) -> TrainResult:
-    emit = on_event or (lambda e: None)
-    control = control or TrainControl()
-    batcher = batcher or _default_batcher()
-    run_dir = Path(run_dir)
-    base_dir = Path(base_dir) if base_dir is not None else None
-    P = model.trainable_params()
-    opt = adamw_init(P)
-    acfg = AdamWConfig(weight_decay=config.weight_decay)
-    S = hyper.steps_per_epoch
-    segs = [dict(s) for s in (segments or default_segments(hyper))]
-    total_steps = segs[-1]["start"] + segs[-1]["steps"]
-    epochs = max(1, math.ceil(total_steps / S))
-
-    step, elapsed_before = 0, 0.0
-    best_valid, bad_evals, best_params = float("inf"), 0, None
-    last_train, last_valid = None, None
-    ckpt_path: str | None = None
-    resumed_from = 0
-    if resume:
-        cp = latest_checkpoint(run_dir)
-        if cp is not None:
-            tr, ost, st = load_checkpoint(cp)
-            for k, v in P.items():
-                if k not in tr or tr[k].shape != v.shape:
-                    raise ValueError(f"{cp}: checkpoint tensor {k!r} is missing or has the wrong shape")
-                v[...] = tr[k]
-                opt["m"][k][...] = ost["m"][k]
-                opt["v"][k][...] = ost["v"][k]
-            opt["step"] = ost["step"]
-            model.weights_changed()
-            step = resumed_from = int(st["step"])
-            elapsed_before = float(st.get("elapsed_s", 0.0))
-            best_valid = float(st.get("best_valid_loss", float("inf")) or float("inf"))
-            bad_evals = int(st.get("evals_without_improvement", 0))
-            last_train, last_valid = st.get("last_train_loss"), st.get("last_valid_loss")
-            if segments is None and st.get("segments"):
-                segs = [dict(s) for s in st["segments"]]
-                total_steps = segs[-1]["start"] + segs[-1]["steps"]
-                epochs = max(1, math.ceil(total_steps / S))
-            if config.restore_best and (cp / "best.safetensors").exists():
-                best_params = read_safetensors(cp / "best.safetensors")
-            ckpt_path = str(cp)
-            truncate_metrics(run_dir, step)
-
-    snap = SnapshotMaker(model, options.snapshot_matrices or None, options.snapshot_max_size)
-    metrics = MetricsWriter(run_dir)
-    t_start = time.perf_counter()
-
-    def elapsed() -> float:
-        return elapsed_before + (time.perf_counter() - t_start)
-
-    def state_dict(epoch_done: float) -> dict:
-        return {"step": step, "epoch": epoch_done, "elapsed_s": elapsed(), "segments": segs,
-                "steps_per_epoch": S, "batch_size": hyper.batch_size, "seed": config.seed,
-                "data_order": {"seed": config.seed, "batcher": "make_batches(examples, batch_size, seed, epoch)"},
-                "rng": {"dropout": "numpy default_rng([seed, step]) per step"},
-                "best_valid_loss": (best_valid if math.isfinite(best_valid) else None),
-                "evals_without_improvement": bad_evals,
-                "last_train_loss": last_train, "last_valid_loss": last_valid, "saved": now_iso()}
-
-    def checkpoint() -> str:
-        nonlocal ckpt_path
-        if ckpt_path is not None and Path(ckpt_path).name == f"step-{step:06d}" and Path(ckpt_path).exists():
-            return ckpt_path
-        cp = save_checkpoint(run_dir, step, P, opt, state_dict(step / S), keep=options.keep_checkpoints)
-        if best_params is not None:
-            write_safetensors(cp / "best.safetensors", best_params)
-        ckpt_path = str(cp)
-        update_run_json(run_dir, step=step, checkpoint=str(cp.relative_to(run_dir)), elapsed_s=elapsed())
-        emit(CheckpointSaved(step=step, epoch=step / S, path=ckpt_path))
-        return ckpt_path
-
-    def do_eval() -> float | None:
-        nonlocal last_valid, best_valid, bad_evals, best_params
-        if not valid_examples:
-            return None
-        vl, va = evaluate(model, valid_examples, hyper.batch_size, pad_id, batcher)
-        if not math.isfinite(vl):
-            raise TrainingDiverged("the validation loss became NaN or infinite")
-        last_valid = vl
-        metrics.write({"step": step, "epoch": step / S, "valid_loss": vl, "valid_token_accuracy": va,
-                       "elapsed_s": elapsed()})
-        emit(EvalMetrics(step=step, epoch=step / S, valid_loss=vl, valid_token_accuracy=va))
-        if vl < best_valid - 1e-6:
-            best_valid, bad_evals = vl, 0
-            if config.restore_best:
-                best_params = {k: v.copy() for k, v in P.items()}
-        else:
-            bad_evals += 1
-        return vl
-
-    lr = lr_for_step(min(step, total_steps - 1), segs, config.schedule)
-    try:
-        info = read_run_json(run_dir)
-        default_system = info.get("system_prompt") if options.default_system_prompt else None
-        if options.check_memory:
-            longest = max((len(e) for e in train_examples), default=1)
-            avail = available_memory_bytes()
-            if options.memory_limit_bytes:
-                avail = min(avail, options.memory_limit_bytes) if avail else options.memory_limit_bytes
-            est = estimate_peak_memory(model.config, model.num_parameters(), int(sum(v.size for v in P.values())),
-                                       hyper.batch_size, longest, full=model.lora is None, available=avail)
-            if not est.fits:
-                reason = (f"This run would not fit in memory: {est.explain()}. Use a smaller batch size or a "
-                          f"shorter --max-seq-len, or LoRA instead of full fine-tuning.")
-                update_run_json(run_dir, status="failed", failure={"reason": reason, "step": step}, finished=now_iso())
-                emit(RunFailed(run_dir=str(run_dir), reason=reason, step=step, checkpoint=ckpt_path))
-                metrics.close()
-                return TrainResult("failed", str(run_dir), step, last_train, last_valid, elapsed_before, None,
-                                   ckpt_path, reason)
-        info.update(status="running", step=step, hyper=hyper.to_dict(), schedule_segments=segs, pid=os.getpid())
-        info.pop("failure", None)
         if resume:
-            info.setdefault("resumed", []).append({"from_step": resumed_from, "at": now_iso()})
-        write_run_json(run_dir, info)
-        emit(RunStarted(run_dir=str(run_dir), total_steps=total_steps, steps_per_epoch=S, epochs=epochs,
-                        batch_size=hyper.batch_size, learning_rate=hyper.learning_rate,
-                        num_train_examples=len(train_examples), num_valid_examples=len(valid_examples),
-                        trainable_params=int(sum(v.size for v in P.values())),
-                        total_params=model.num_parameters(), resumed_from_step=resumed_from))
-
-        step_time_ema = None
-        last_snapshot = -1e9
-        early_stopped = False
-        stopped = False
-        while step < total_steps and not early_stopped:
-            e = step // S
-            batches = batcher(train_examples, hyper.batch_size, config.seed, e, pad_id)
-            if len(batches) != S:
-                raise RuntimeError(f"epoch {e} has {len(batches)} batches, expected {S}")
-            for i in range(step - e * S, S):
-                if control.wait_while_paused():
-                    stopped = True
-                    break
-                b = batches[i]
-                lr = lr_for_step(step, segs, config.schedule)
-                rng = np.random.default_rng([config.seed, step]) if config.lora_dropout > 0 else None
-                if options.phase_events:
-                    emit(PhaseEvent(step + 1, "forward"))
-                t0 = time.perf_counter()
-                logits, cache = model.forward(b.input_ids, attention_mask=b.attention_mask, train=True, rng=rng)
-                if options.phase_events:
-                    emit(PhaseEvent(step + 1, "loss"))
-                t1 = time.perf_counter()
-                loss, lc = model.loss_forward(logits, b.labels, overwrite_logits=True)
-                del logits
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(f"the loss became {'NaN' if math.isnan(loss) else 'infinite'}")
-                dlogits = model.loss_backward(lc)
-                n_counted, n_correct = lc.counted, lc.correct
-                del lc
-                if options.phase_events:
-                    emit(PhaseEvent(step + 1, "backward"))
-                t2 = time.perf_counter()
-                grads = model.backward(dlogits, cache)
-                del cache, dlogits
-                if options.phase_events:
-                    emit(PhaseEvent(step + 1, "update"))
-                t3 = time.perf_counter()
-                want_snap = (time.perf_counter() - last_snapshot) >= config.snapshot_interval_s
-                if want_snap:
-                    layer_gn = snap.grad_norms(grads)  # before clipping: what backpropagation produced
-                gnorm = clip_grads(grads, config.grad_clip)
-                if not math.isfinite(gnorm):
-                    raise TrainingDiverged("the gradients became NaN or infinite")
-                if gnorm == 0.0 and n_counted and loss > 1e-3:
-                    # every gradient exactly zero while the loss is not: activations overflowed and the
-                    # network went dead (it predicts a flat distribution and can no longer learn)
-                    raise TrainingDiverged("the activations overflowed and the gradients became exactly zero")
-                before = snap.before_update() if want_snap else None
-                rel = adamw_step(P, grads, opt, lr, acfg)
-                model.weights_changed()
-                t4 = time.perf_counter()
-                del grads
-                step += 1
-                last_train = float(loss)
-                dt = t4 - t0
-                step_time_ema = dt if step_time_ema is None else 0.8 * step_time_ema + 0.2 * dt
-                ntok = int(b.attention_mask.sum())
-                acc = n_correct / n_counted if n_counted else 0.0
-                el = elapsed()
-                phases = PhaseTimes((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, (t4 - t3) * 1e3)
-                sm = StepMetrics(step=step, epoch=step / S, train_loss=last_train, train_token_accuracy=acc, lr=lr,
-                                 grad_norm=gnorm, tokens_per_s=ntok / dt if dt > 0 else 0.0, elapsed_s=el,
-                                 eta_s=step_time_ema * (total_steps - step), total_steps=total_steps, phases=phases)
-                metrics.write({"step": step, "epoch": sm.epoch, "train_loss": sm.train_loss,
-                               "train_token_accuracy": acc, "lr": lr, "grad_norm": gnorm,
-                               "tokens_per_s": sm.tokens_per_s, "elapsed_s": el, "eta_s": sm.eta_s,
-                               "forward_ms": phases.forward_ms, "loss_ms": phases.loss_ms,
-                               "backward_ms": phases.backward_ms, "update_ms": phases.update_ms,
-                               "tokens": ntok, "trained_tokens": int(n_counted)})
-                emit(sm)
-                if want_snap:
-                    t5 = time.perf_counter()
-                    emit(snap.build(step, before, layer_gn, control.focus_matrix, rel))
-                    # never spend more than ~1/6 of the time on snapshots (full fine-tuning of big matrices)
-                    last_snapshot = time.perf_counter() + 5 * (time.perf_counter() - t5)
-                    before = None
-                epoch_end = step % S == 0
-                if epoch_end or (hyper.eval_every and step % hyper.eval_every == 0):
-                    do_eval()
-                if epoch_end and (config.checkpoint_every_epoch or step >= total_steps):
-                    checkpoint()
-                if valid_examples and config.early_stopping_patience and bad_evals >= config.early_stopping_patience:
-                    early_stopped = True  # no better validation loss for `patience` evaluations
-                    break
-            if stopped:
-                break
-
-        if stopped:
-            cp = checkpoint()
-            model_dir = None
-            if options.save_model_on_stop:
-                model_dir = save_outputs(model, run_dir, base_dir, default_system)
-            update_run_json(run_dir, status="stopped", step=step, stopped=now_iso(), elapsed_s=elapsed(),
-                            final={"train_loss": last_train, "valid_loss": last_valid, "steps": step,
-                                   "elapsed_s": elapsed()})
-            metrics.close()
-            emit(RunStopped(run_dir=str(run_dir), step=step, checkpoint=cp))
-            return TrainResult("stopped", str(run_dir), step, last_train, last_valid, elapsed(), model_dir, cp)
-
-        if step % S != 0 or not config.checkpoint_every_epoch:
-            checkpoint()  # the final state, so more epochs can be added later
-        if config.restore_best and best_params is not None:
-            for k, v in P.items():
-                v[...] = best_params[k]
-            model.weights_changed()
-        model_dir = save_outputs(model, run_dir, base_dir, default_system)
-        el = elapsed()
-        final = {"train_loss": last_train, "valid_loss": last_valid, "steps": step, "elapsed_s": el,
-                 "best_valid_loss": best_valid if math.isfinite(best_valid) else None,
-                 "early_stopped": early_stopped, "restored_best": bool(config.restore_best and best_params is not None)}
-        update_run_json(run_dir, status="finished", step=step, finished=now_iso(), elapsed_s=el, final=final,
-                        model="model", adapter="adapter" if model.lora is not None else None)
-        metrics.close()
-        emit(RunFinished(run_dir=str(run_dir), model_dir=model_dir, final_train_loss=last_train,
-                         final_valid_loss=last_valid, steps=step, elapsed_s=el))
-        return TrainResult("finished", str(run_dir), step, last_train, last_valid, el, model_dir, ckpt_path)
-
-    except TrainingDiverged as e:
-        reason = _diverged_message(str(e), step + 1, lr, ckpt_path)
-        return _fail(run_dir, reason, step, ckpt_path, metrics, emit, last_train, last_valid, elapsed())
-    except MemoryError:
-        reason = ("Training ran out of memory. Use a smaller batch size or a shorter --max-seq-len, or LoRA "
-                  "instead of full fine-tuning." + (f" The last checkpoint ({Path(ckpt_path).name}) was kept."
-                                                    if ckpt_path else ""))
-        return _fail(run_dir, reason, step, ckpt_path, metrics, emit, last_train, last_valid, elapsed())
-    except Exception as e:  # noqa: BLE001 - reported as a failed run; details go to error.log
+            _restore(run, st, segments_given=segments is not None)
+        run.snap = SnapshotMaker(model, options.snapshot_matrices or None, options.snapshot_max_size)
+        run.metrics = MetricsWriter(run.run_dir)
+        run.t_start = time.perf_counter()
+        resumed_from = st.step
+        lr = lr_for_step(min(st.step, st.total_steps - 1), st.segments, config.schedule)
         try:
-            (run_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
-        except OSError:
-            pass
-        reason = f"internal error: {type(e).__name__}: {e} (details in {run_dir / 'error.log'})"
-        return _fail(run_dir, reason, step, ckpt_path, metrics, emit, last_train, last_valid, elapsed())
-
-
-def _fail(run_dir, reason, step, ckpt, metrics, emit, last_train, last_valid, elapsed):
-    metrics.close()
-    try:
-        update_run_json(run_dir, status="failed", step=step, finished=now_iso(),
-                        failure={"reason": reason, "step": step + 1, "checkpoint": ckpt})
-    except Exception:  # noqa: BLE001 - the failure itself must still be reported
-        pass
-    emit(RunFailed(run_dir=str(run_dir), reason=reason, step=step, checkpoint=ckpt))
-    return TrainResult("failed", str(run_dir), step, last_train, last_valid, elapsed, None, ckpt, reason)
-
+            info = read_run_json(run.run_dir)
+            run.default_system = info.get("system_prompt") if options.default_system_prompt else None
+            problem = _memory_problem(run)
+            if problem:
+                return _fail(run, st, problem)
+            info.update(status="running", step=st.step, hyper=hyper.to_dict(), schedule_segments=st.segments,
+                        pid=os.getpid())
+            info.pop("failure", None)
+            if resume:
+                info.setdefault("resumed", []).append({"from_step": resumed_from, "at": now_iso()})
+            write_run_json(run.run_dir, info)
+            S = hyper.steps_per_epoch
+            emit = run.emit
+            emit(RunStarted(run_dir=str(run.run_dir), total_steps=st.total_steps, steps_per_epoch=S,
+                            epochs=max(1, math.ceil(st.total_steps / S)), batch_size=hyper.batch_size,
+                            learning_rate=hyper.learning_rate, num_train_examples=len(train_examples),
+                            num_valid_examples=len(valid_examples),
+                            trainable_params=int(sum(v.size for v in run.params.values())),
+                            total_params=model.num_parameters(), resumed_from_step=resumed_from))
+            stopped = _train_epochs(run, st)
+            return _finish(run, st, stopped)
+        except TrainingDiverged as e:
+            lr = lr_for_step(min(st.step, st.total_steps - 1), st.segments, config.schedule)
+            return _fail(run, st, _diverged_message(str(e), st.step + 1, lr, st.checkpoint))
+        except MemoryError:
+            keep = f" The last checkpoint ({Path(st.checkpoint).name}) was kept." if st.checkpoint else ""
+            return _fail(run, st, "Training ran out of memory. Use a smaller batch size or a shorter maximum "
+                                  "length, or LoRA instead of full fine-tuning." + keep)
+        except Exception as e:  # noqa: BLE001 - reported as a failed run; details go to error.log
+            try:
+                (run.run_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
+            except OSError:
+                pass
+            return _fail(run, st, f"internal error: {type(e).__name__}: {e} (details in {run.run_dir / 'error.log'})")

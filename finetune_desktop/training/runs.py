@@ -1,6 +1,6 @@
 """Run folders: create, list and read them; write and read resumable checkpoints.
 
-A run folder (DESIGN.md section 2):
+A run folder:
     run.json          settings, base model, data file + sha256, versions, status, timestamps, final metrics
     metrics.jsonl     one JSON object per line: train steps, and eval lines (with "valid_loss")
     checkpoints/      step-NNNNNN/ {trainable.safetensors, optimizer.safetensors, state.json}
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.checkpoint import (atomic_write_json, make_temp_dir_beside, read_safetensors, replace_dir_atomically,
-                                 write_safetensors)
+from ..engine.checkpoint import (RUN_MODEL_SUBDIR, atomic_write_json, make_temp_dir_beside, read_safetensors,
+                                 replace_dir_atomically, write_safetensors)
 from ..engine.errors import UserError
 
 RUN_FORMAT = 1
@@ -62,6 +62,47 @@ def new_run_dir(name_hint: str = "run", home: Path | None = None) -> Path:
         p = home / f"{base}_{i}"
         i += 1
     return p
+
+
+# ----------------------------------------------------------------------------- the tuned model
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
+
+
+def tokenizer_files(base_dir: Path | None, default_system: str | None = None) -> dict[str, bytes]:
+    """The tokenizer files of the base model, to copy next to the tuned weights. With
+    default_system, the chat template gains that system prompt as its default."""
+    from ..engine.tokenizer import template_with_default_system
+
+    extra = {}
+    if base_dir is None:
+        return extra
+    for name in TOKENIZER_FILES:
+        f = Path(base_dir) / name
+        if f.is_file():
+            extra[name] = f.read_bytes()
+    if default_system:
+        if "chat_template.jinja" in extra:
+            t = extra["chat_template.jinja"].decode("utf-8")
+            extra["chat_template.jinja"] = template_with_default_system(t, default_system).encode("utf-8")
+        if "tokenizer_config.json" in extra:
+            try:
+                cfg = json.loads(extra["tokenizer_config.json"].decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                cfg = None
+            if isinstance(cfg, dict) and isinstance(cfg.get("chat_template"), str):
+                cfg["chat_template"] = template_with_default_system(cfg["chat_template"], default_system)
+                extra["tokenizer_config.json"] = (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    return extra
+
+
+def save_run_model(model, run_dir: Path, base_dir: Path | None, default_system: str | None = None) -> str:
+    """Write model/ (LoRA merged, tokenizer files copied) and, with LoRA, adapter/ atomically."""
+    extra = tokenizer_files(base_dir, default_system)
+    model.save_pretrained(Path(run_dir) / RUN_MODEL_SUBDIR, extra_files=extra)
+    if model.lora is not None:
+        model.save_adapter(Path(run_dir) / "adapter", base_model_name_or_path=str(base_dir) if base_dir else None)
+    return str(Path(run_dir) / RUN_MODEL_SUBDIR)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -177,7 +218,7 @@ def load_run(run_dir) -> RunInfo:
                    steps=int(d.get("step", final.get("steps", 0)) or 0),
                    total_steps=int(hyper.get("total_steps", 0) or 0),
                    final_train_loss=final.get("train_loss"), final_valid_loss=final.get("valid_loss"),
-                   has_model=(run_dir / "model" / "config.json").exists(), reason=reason)
+                   has_model=(run_dir / RUN_MODEL_SUBDIR / "config.json").exists(), reason=reason)
 
 
 def list_runs(home=None) -> list[RunInfo]:
