@@ -239,7 +239,7 @@ def test_truncated_safetensors(saved):
     f = folder / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) - 100])
-    with pytest.raises(ModelFormatError, match=r"model\.safetensors: tensor .* data offsets"):
+    with pytest.raises(ModelFormatError, match=r"model\.safetensors: the file is truncated: tensor .* needs bytes"):
         Model.from_pretrained(folder)
     f.write_bytes(data[:5])
     with pytest.raises(ModelFormatError, match=r"model\.safetensors: corrupt safetensors file"):

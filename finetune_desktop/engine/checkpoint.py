@@ -8,9 +8,12 @@ Writing uses the `safetensors` library. All writes are atomic: temp file/folder 
 """
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import shutil
+import stat
 import struct
 import tempfile
 from pathlib import Path
@@ -49,12 +52,10 @@ def _is_index(v) -> bool:
 
 def read_safetensors(path, as_float32: bool = True) -> dict[str, np.ndarray]:
     """Read every tensor of one .safetensors file. Floats are converted to float32 (BF16/F16 too)."""
-    path = Path(path)
+    path = check_file(path, "weights file")
     try:
         size = path.stat().st_size
         f = open(path, "rb")
-    except FileNotFoundError:
-        raise ModelFormatError(f"{path}: file is missing") from None
     except OSError as e:
         raise ModelFormatError(f"{path}: cannot be read ({e.strerror})") from None
     with f:
@@ -89,10 +90,14 @@ def read_safetensors(path, as_float32: bool = True) -> dict[str, np.ndarray]:
             if dt not in _DTYPES:
                 raise ModelFormatError(f"{path}: tensor {name!r} has unsupported dtype {dt}")
             np_dt, item = _DTYPES[dt]
-            count = int(np.prod(shape)) if shape else 1
-            if not (0 <= a <= b <= data_len) or b - a != count * item:
+            count = math.prod(shape) if shape else 1
+            if b - a != count * item:
                 raise ModelFormatError(
                     f"{path}: tensor {name!r} data offsets {a}..{b} do not match its shape {shape} and dtype {dt}")
+            if not 0 <= a <= b <= data_len:
+                raise ModelFormatError(
+                    f"{path}: the file is truncated: tensor {name!r} needs bytes up to {data_start + b:,} but the "
+                    f"file has {size:,} (an interrupted download or copy?)")
             f.seek(data_start + a)
             buf = f.read(b - a)
             if len(buf) != b - a:
@@ -250,16 +255,43 @@ def make_temp_dir_beside(target) -> Path:
     return tmp
 
 
-def read_json(path, what: str = "file") -> dict:
+MAX_JSON_BYTES = 50 * 2**20   # config and tokenizer-config files are small; a huge one is refused
+
+
+def check_file(path, what: str = "file") -> Path:
+    """A readable regular file, or ModelFormatError saying exactly what is wrong with the path:
+    missing, a broken or looping symbolic link, a folder, or not readable."""
     path = Path(path)
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
+        st = path.stat()
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise ModelFormatError(f"{path}: {what} is a symbolic link to nothing") from None
         raise ModelFormatError(f"{path}: {what} is missing") from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ModelFormatError(f"{path}: {what} is a symbolic link that loops back on itself") from None
+        raise ModelFormatError(f"{path}: {what} cannot be read ({e.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ModelFormatError(f"{path}: {what} is a folder, not a file")
+    if not os.access(path, os.R_OK):
+        raise ModelFormatError(f"{path}: {what} cannot be read (permission denied)")
+    return path
+
+
+def read_json(path, what: str = "file") -> dict:
+    """A JSON object from a file of a model folder, with errors that name the file."""
+    path = check_file(path, what)
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise ModelFormatError(f"{path}: {what} is larger than {MAX_JSON_BYTES // 2**20} MB")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelFormatError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ModelFormatError(f"{path}: JSON nested too deeply") from None
     if not isinstance(d, dict):
-        raise ModelFormatError(f"{path}: expected a JSON object")
+        raise ModelFormatError(f"{path}: expected a JSON object, found {type(d).__name__}")
     return d
 
 

@@ -29,6 +29,41 @@ SUPPORTED_ARCHITECTURES = {
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
+# Sane bounds, checked before anything is allocated: a config.json from a model folder decides
+# how much memory the model takes, so absurd values are refused with the field's name.
+INT_BOUNDS = {
+    "vocab_size": (1, 4_000_000), "hidden_size": (1, 65_536), "intermediate_size": (1, 1_048_576),
+    "num_hidden_layers": (1, 1_024), "num_attention_heads": (1, 4_096), "num_key_value_heads": (1, 4_096),
+    "head_dim": (2, 4_096), "max_position_embeddings": (1, 10_000_000), "sliding_window": (1, 10_000_000),
+}
+MAX_PARAMETERS = 200_000_000_000
+
+
+def _int_field(d: dict, key: str, source: str, default=None, required: bool = False):
+    v = d.get(key, default)
+    if v is None:
+        if required:
+            raise ModelFormatError(f"{source}: {key} must be a whole number, not null")
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not v.is_integer()):
+        raise ModelFormatError(f"{source}: {key} must be a whole number, not {v!r}")
+    lo, hi = INT_BOUNDS[key]
+    if not lo <= v <= hi:
+        raise ModelFormatError(f"{source}: {key} = {v} is outside the sane range {lo:,}..{hi:,}")
+    return int(v)
+
+
+def _float_field(d: dict, key: str, source: str, default: float, lo: float, hi: float, inclusive_lo=False) -> float:
+    v = d.get(key, default)
+    if v is None:
+        v = default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ModelFormatError(f"{source}: {key} must be a finite number, not {v!r}")
+    if not ((lo <= v) if inclusive_lo else (lo < v)) or v > hi:
+        raise ModelFormatError(f"{source}: {key} = {v} must be {'at least' if inclusive_lo else 'above'} {lo} "
+                               f"and at most {hi}")
+    return float(v)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -77,19 +112,25 @@ class ModelConfig:
         return {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "mistral": "MistralForCausalLM"}[self.model_type]
 
-    def validate(self) -> None:
+    def validate(self, source: str = "config.json") -> None:
         if self.num_attention_heads % self.n_kv_heads:
             raise ModelFormatError(
-                f"config.json: num_attention_heads ({self.num_attention_heads}) must be a multiple "
+                f"{source}: num_attention_heads ({self.num_attention_heads}) must be a multiple "
                 f"of num_key_value_heads ({self.n_kv_heads})")
-        if self.hd % 2:
-            raise ModelFormatError(f"config.json: head_dim must be even for RoPE, got {self.hd}")
+        if self.hd % 2 or self.hd < 2:
+            raise ModelFormatError(f"{source}: head_dim must be even for RoPE, got {self.hd}")
         if self.hidden_act not in ("silu", "swish"):
-            raise ModelFormatError(f"config.json: hidden_act {self.hidden_act!r} is not supported (only silu)")
+            raise ModelFormatError(f"{source}: hidden_act {self.hidden_act!r} is not supported (only silu)")
         rt = (self.rope_scaling or {}).get("rope_type", "default")
         if rt not in SUPPORTED_ROPE_TYPES:
             raise ModelFormatError(
-                f"config.json: rope scaling type {rt!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+                f"{source}: rope scaling type {rt!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+        if not (math.isfinite(self.rms_norm_eps) and self.rms_norm_eps > 0):
+            raise ModelFormatError(f"{source}: rms_norm_eps must be above 0, got {self.rms_norm_eps}")
+        n = self.num_parameters()
+        if n > MAX_PARAMETERS:
+            raise ModelFormatError(f"{source}: these sizes make {n:,} parameters, more than any model this app "
+                                   f"can load ({MAX_PARAMETERS:,})")
 
     def num_parameters(self) -> int:
         C, I, V, L = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers
@@ -134,6 +175,10 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         archs = d.get("architectures") or []
+        if isinstance(archs, str):
+            archs = [archs]
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ModelFormatError(f"{source}: architectures must be a list of names")
         mt = d.get("model_type")
         arch = archs[0] if archs else None
         if arch is not None and arch not in SUPPORTED_ARCHITECTURES:
@@ -147,6 +192,11 @@ class ModelConfig:
         missing = [k for k in required if k not in d]
         if missing:
             raise ModelFormatError(f"{source}: missing required key(s): {', '.join(missing)}")
+        sizes = {k: _int_field(d, k, source, required=True) for k in required}
+        kv = _int_field(d, "num_key_value_heads", source)
+        head_dim = _int_field(d, "head_dim", source)
+        max_pos = _int_field(d, "max_position_embeddings", source, default=2048) or 2048
+        eps = _float_field(d, "rms_norm_eps", source, 1e-6, 0.0, 1.0)
 
         # RoPE: transformers v4 uses rope_theta + rope_scaling, v5 uses rope_parameters.
         rp = d.get("rope_parameters")
@@ -166,6 +216,9 @@ class ModelConfig:
                 scaling = None
         if rope_theta is None:
             rope_theta = 10000.0  # transformers' default for all three families
+        rope_theta = _float_field({"rope_theta": rope_theta}, "rope_theta", source, 10000.0, 0.0, 1e12)
+        if scaling is not None and not isinstance(scaling, dict):
+            raise ModelFormatError(f"{source}: rope_scaling must be an object or null")
 
         sliding = None
         L = int(d["num_hidden_layers"])
@@ -201,22 +254,18 @@ class ModelConfig:
             "pretraining_tp", "attention_dropout", "initializer_range", "use_cache", "layer_types",
         }
         cfg = cls(
-            vocab_size=int(d["vocab_size"]),
-            hidden_size=int(d["hidden_size"]),
-            intermediate_size=int(d["intermediate_size"]),
-            num_hidden_layers=int(d["num_hidden_layers"]),
-            num_attention_heads=int(d["num_attention_heads"]),
-            num_key_value_heads=d.get("num_key_value_heads"),
-            head_dim=d.get("head_dim"),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
+            **sizes,
+            num_key_value_heads=kv,
+            head_dim=head_dim,
+            rms_norm_eps=eps,
+            rope_theta=rope_theta,
             rope_scaling=scaling,
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            max_position_embeddings=max_pos,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=bool(d.get("attention_bias", False)) if model_type != "qwen2" else False,
             qkv_bias=model_type == "qwen2",
             mlp_bias=bool(d.get("mlp_bias", False)) if model_type == "llama" else False,
-            sliding_window=int(sliding) if sliding else None,
+            sliding_window=_int_field({"sliding_window": sliding}, "sliding_window", source) if sliding else None,
             model_type=model_type,
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
@@ -224,7 +273,7 @@ class ModelConfig:
             hidden_act=d.get("hidden_act", "silu"),
             extra={k: v for k, v in d.items() if k not in known},
         )
-        cfg.validate()
+        cfg.validate(source)
         return cfg
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -268,16 +317,10 @@ class ModelConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "ModelConfig":
+        from .checkpoint import read_json
+
         path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ModelFormatError(f"{path}: config.json is missing") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelFormatError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ModelFormatError(f"{path}: expected a JSON object")
-        return cls.from_hf_dict(d, source=str(path))
+        return cls.from_hf_dict(read_json(path, "config.json"), source=str(path))
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)

@@ -75,6 +75,16 @@ def init_params(cfg: ModelConfig, seed: int = 0, std: float = 0.02, dtype=np.flo
     return out
 
 
+def _check_finite(params: dict[str, np.ndarray], source) -> None:
+    """Refuse weights with NaN or infinite values (a damaged or badly converted file): they would
+    load fine and then make every reply empty and every loss NaN."""
+    for name, v in params.items():
+        if v.dtype.kind == "f" and not np.isfinite(v).all():
+            bad = int(np.size(v) - np.count_nonzero(np.isfinite(v)))
+            raise ModelFormatError(f"{source}: tensor {name!r} holds {bad:,} NaN or infinite value"
+                                   f"{'s' if bad != 1 else ''}; the weights are damaged")
+
+
 class Model:
     def __init__(self, config: ModelConfig, params: dict[str, np.ndarray], check: bool = True):
         config.validate()
@@ -132,6 +142,7 @@ class Model:
         m = cls.__new__(cls)
         Model.__init__(m, cfg, params, check=False)
         m._check_params(source=str(folder))
+        _check_finite(m.params, folder)
         m.source = str(folder)
         return m
 
@@ -149,6 +160,7 @@ class Model:
                 raise ModelFormatError(f"{folder}: adapter tensor {k!r} is missing")
             if lora[k].shape != v.shape:
                 raise ModelFormatError(f"{folder}: adapter tensor {k!r} has shape {lora[k].shape}, expected {v.shape}")
+        _check_finite(lora, folder)
         self.weights_changed()
         self.lora_config = cfg
         self.lora = {k: lora[k].astype(self.dtype) for k in ref}

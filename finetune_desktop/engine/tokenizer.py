@@ -3,6 +3,10 @@ sandboxed Jinja environment (templates come from model folders and are untrusted
 from __future__ import annotations
 
 import json
+import os
+import sys
+import threading
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -25,11 +29,65 @@ def _raise_exception(message):
     raise TemplateError(message)
 
 
+# Limits on what a chat template from a model folder can make us do. A template is code from the
+# folder; Jinja's sandbox stops it from reaching Python objects, these stop it from eating the
+# machine: string and list repetition, powers and range() are capped, loops over range() and the
+# whole render check a deadline, and the rendered text has a maximum size. The first render of a
+# tokenizer (a small synthetic chat) also runs under a tracer that checks time and memory on
+# every line of template code, so a template that would loop for ever or build a huge value on
+# its own is refused when the model is opened.
+MAX_TEMPLATE_OUTPUT = 4_000_000      # characters of rendered text
+MAX_TEMPLATE_SEQUENCE = 1_000_000    # length of a string or list made by * or range()
+MAX_TEMPLATE_POWER_BITS = 4096       # size of an integer made by **
+TEMPLATE_SECONDS = 2.0               # one render
+VET_MEMORY_BYTES = 200 * 2**20       # growth allowed while vetting
+
+
+class TemplateLimitError(Exception):
+    """A chat template went over one of the limits above."""
+
+
+_deadline = threading.local()
+
+
+def _check_deadline() -> None:
+    d = getattr(_deadline, "t", None)
+    if d is not None and time.monotonic() > d:
+        raise TemplateLimitError(f"rendering took more than {TEMPLATE_SECONDS:g} s")
+
+
+def _capped_range(*args):
+    r = range(*args)
+    if len(r) > MAX_TEMPLATE_SEQUENCE:
+        raise TemplateLimitError(f"range() of {len(r):,} items (at most {MAX_TEMPLATE_SEQUENCE:,})")
+    for i in r:
+        _check_deadline()
+        yield i
+
+
+def _sequence_len(x):
+    return len(x) if isinstance(x, (str, bytes, list, tuple)) else None
+
+
 def _make_env():
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+    class GuardedEnvironment(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    ln = _sequence_len(seq)
+                    if ln is not None and isinstance(n, int) and ln * max(n, 0) > MAX_TEMPLATE_SEQUENCE:
+                        raise TemplateLimitError(f"a repetition that makes {ln * n:,} items "
+                                                 f"(at most {MAX_TEMPLATE_SEQUENCE:,})")
+            if operator == "**" and isinstance(left, int) and isinstance(right, int):
+                if right > 0 and abs(left) > 1 and right * max(abs(left).bit_length(), 1) > MAX_TEMPLATE_POWER_BITS:
+                    raise TemplateLimitError(f"{left} ** {right} is too large")
+            return super().call_binop(context, operator, left, right)
+
+    env = GuardedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
@@ -37,7 +95,44 @@ def _make_env():
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["range"] = _capped_range
     return env
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class _Tracer:
+    """sys.settrace hook for vetting a template: every line of template code checks the deadline
+    and, every few lines, how much the process has grown."""
+
+    def __init__(self):
+        self.base = _rss_bytes()
+        self.n = 0
+
+    def __call__(self, frame, event, arg):
+        if frame.f_code.co_filename != "<template>":
+            return None
+        return self._line
+
+    def _line(self, frame, event, arg):
+        _check_deadline()
+        self.n += 1
+        if self.base and self.n % 16 == 0 and _rss_bytes() - self.base > VET_MEMORY_BYTES:
+            raise TemplateLimitError(f"rendering used more than {VET_MEMORY_BYTES // 2**20} MB")
+        return self._line
+
+
+VET_CHATS = (
+    ({"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hello! 안녕하세요?"},
+     {"role": "assistant", "content": "Hi there."}, {"role": "user", "content": "Thanks."}),
+    ({"role": "user", "content": "Hello!"},),
+)
 
 
 def template_with_default_system(template: str, system_prompt: str) -> str:
@@ -51,11 +146,12 @@ def template_with_default_system(template: str, system_prompt: str) -> str:
 
 class Tokenizer:
     def __init__(self, backend, config: dict | None = None, chat_template: str | None = None,
-                 extra_eos_ids: Iterable[int] = ()):
+                 extra_eos_ids: Iterable[int] = (), template_source: str = "the chat template"):
         self._tok = backend
         self.backend = backend  # the `tokenizers.Tokenizer` (batch encoding, offsets)
         self.config = dict(config or {})
         self.chat_template = chat_template
+        self.template_source = template_source   # the file it came from, for messages
         self._template = None
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
@@ -81,36 +177,40 @@ class Tokenizer:
 
         from .checkpoint import model_folder
 
+        from .checkpoint import check_file, model_folder, read_json
+
         folder = model_folder(folder)
         tj = folder / "tokenizer.json"
-        if not tj.exists():
-            extra = ""
-            if (folder / "tokenizer.model").exists():
-                extra = " (only a SentencePiece tokenizer.model was found; a tokenizer.json is needed)"
-            raise ModelFormatError(f"{tj}: tokenizer file is missing{extra}")
+        if not os.path.lexists(tj) and (folder / "tokenizer.model").exists():
+            raise ModelFormatError(f"{tj}: tokenizer file is missing (only a SentencePiece tokenizer.model was "
+                                   "found; a tokenizer.json is needed)")
+        check_file(tj, "tokenizer file")
         try:
             backend = HFTokenizer.from_file(str(tj))
         except Exception as e:  # noqa: BLE001 - the tokenizers error type is internal
             raise ModelFormatError(f"{tj}: cannot be read as a tokenizer ({e})") from None
         cfg = {}
         tc = folder / "tokenizer_config.json"
-        if tc.exists():
-            try:
-                cfg = json.loads(tc.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ModelFormatError(f"{tc}: not valid JSON ({e})") from None
+        source = str(tc)
+        if os.path.lexists(tc):
+            cfg = read_json(tc, "tokenizer configuration")
         template = cfg.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default") or next(iter(named.values()), None)
         jinja_file = folder / "chat_template.jinja"
-        if jinja_file.exists():
-            template = jinja_file.read_text(encoding="utf-8")
-        elif not template and (folder / "chat_template.json").exists():
+        if os.path.lexists(jinja_file):
+            check_file(jinja_file, "chat template")
             try:
-                template = json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
-            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-                template = None
+                template = jinja_file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ModelFormatError(f"{jinja_file}: not UTF-8 text ({e.reason})") from None
+            source = str(jinja_file)
+        elif not template and (folder / "chat_template.json").exists():
+            template = read_json(folder / "chat_template.json", "chat template").get("chat_template")
+            source = str(folder / "chat_template.json")
+        if template is not None and not isinstance(template, str):
+            raise ModelFormatError(f"{source}: chat_template must be a string, not {type(template).__name__}")
         extra_eos = []
         gc = folder / "generation_config.json"
         if gc.exists():
@@ -119,7 +219,7 @@ class Tokenizer:
                 extra_eos = e if isinstance(e, list) else ([e] if isinstance(e, int) else [])
             except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
                 pass
-        return cls(backend, cfg, template, extra_eos)
+        return cls(backend, cfg, template, extra_eos, template_source=source)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -153,23 +253,69 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ chat
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False, **kwargs) -> str:
-        """Render a conversation with the model's template in a Jinja sandbox."""
+        """Render a conversation with the model's template in a guarded Jinja sandbox (see the
+        limits above). The first render also vets the template (check_chat_template)."""
+        self.check_chat_template()
+        return self._render(messages, add_generation_prompt, **kwargs)
+
+    def check_chat_template(self) -> None:
+        """Compile and vet the chat template once; ModelFormatError, naming its file, when it has
+        none, does not compile, runs away, or fails on every ordinary conversation."""
+        if self._template is not None:
+            return
         if not self.chat_template:
-            raise ModelFormatError("this tokenizer has no chat_template (tokenizer_config.json or chat_template.jinja)")
-        if self._template is None:
-            try:
-                self._template = _make_env().from_string(self.chat_template)
-            except Exception as e:  # noqa: BLE001
-                raise ModelFormatError(f"chat template does not compile: {e}") from None
+            raise ModelFormatError(f"{self.template_source}: this tokenizer has no chat_template")
+        try:
+            self._template = _make_env().from_string(self.chat_template)
+        except Exception as e:  # noqa: BLE001
+            raise ModelFormatError(f"{self.template_source}: the chat template does not compile: {e}") from None
+        self._vet()
+
+    def _render(self, messages, add_generation_prompt: bool, tracer=None, **kwargs) -> str:
         ctx = dict(bos_token=self.bos_token or "", eos_token=self.eos_token or "",
                    pad_token=self.pad_token or "", unk_token=self.unk_token or "",
                    add_generation_prompt=add_generation_prompt)
         ctx.update(kwargs)
         from jinja2.exceptions import TemplateError
+
+        _deadline.t = time.monotonic() + TEMPLATE_SECONDS
+        old = sys.gettrace() if tracer is not None else None
+        if tracer is not None:
+            sys.settrace(tracer)
         try:
-            return self._template.render(messages=[dict(m) for m in messages], **ctx)
-        except TemplateError as e:  # includes the sandbox's SecurityError
-            raise ModelFormatError(f"chat template failed: {e}") from None
+            parts, n = [], 0
+            for piece in self._template.generate(messages=[dict(m) for m in messages], **ctx):
+                n += len(piece)
+                if n > MAX_TEMPLATE_OUTPUT:
+                    raise TemplateLimitError(f"the rendered text is longer than {MAX_TEMPLATE_OUTPUT:,} characters")
+                parts.append(piece)
+                _check_deadline()
+            return "".join(parts)
+        except TemplateLimitError as e:
+            raise ModelFormatError(f"{self.template_source}: the chat template was stopped: {e}") from None
+        except (TemplateError, OverflowError, MemoryError, RecursionError) as e:  # the sandbox's SecurityError too
+            raise ModelFormatError(f"{self.template_source}: the chat template failed: {e}") from None
+        finally:
+            if tracer is not None:
+                sys.settrace(old)
+            _deadline.t = None
+
+    def _vet(self) -> None:
+        """Render small synthetic chats under the tracer, so a template that runs away on its own,
+        or that fails on every ordinary conversation, is refused when the tokenizer is first used
+        (a problem of the model folder, not of the training data)."""
+        errors = []
+        for msgs in VET_CHATS:
+            try:
+                self._render(msgs, True, tracer=_Tracer())
+                return
+            except ModelFormatError as e:
+                if "was stopped" in str(e):
+                    self._template = None
+                    raise
+                errors.append(e)
+        self._template = None
+        raise ModelFormatError(f"{errors[0]} (it fails on every ordinary conversation tried)")
 
 
 class StreamDecoder:

@@ -83,6 +83,10 @@ def _check_template(tok, folder, error) -> None:
     if not tok.chat_template:
         raise error(f"{folder}: the tokenizer has no chat template, so conversations cannot be rendered "
                     "(add chat_template to tokenizer_config.json)")
+    try:
+        tok.check_chat_template()
+    except UserError as e:
+        raise error(str(e)) from None
 
 
 def open_model(spec: str, error: type[Exception] = ModelNotFound):
