@@ -40,7 +40,7 @@ MAX_TEMPLATE_OUTPUT = 4_000_000      # characters of rendered text
 MAX_TEMPLATE_SEQUENCE = 1_000_000    # length of a string or list made by * or range()
 MAX_TEMPLATE_POWER_BITS = 4096       # size of an integer made by **
 TEMPLATE_SECONDS = 2.0               # one render
-VET_MEMORY_BYTES = 200 * 2**20       # growth allowed while vetting
+VET_MEMORY_BYTES = 128 * 2**20       # growth allowed while vetting
 
 
 class TemplateLimitError(Exception):
@@ -109,7 +109,7 @@ def _rss_bytes() -> int:
 
 class _Tracer:
     """sys.settrace hook for vetting a template: every line of template code checks the deadline
-    and, every few lines, how much the process has grown."""
+    and how much the process has grown (a few microseconds a line; vetting renders tiny chats)."""
 
     def __init__(self):
         self.base = _rss_bytes()
@@ -123,7 +123,7 @@ class _Tracer:
     def _line(self, frame, event, arg):
         _check_deadline()
         self.n += 1
-        if self.base and self.n % 16 == 0 and _rss_bytes() - self.base > VET_MEMORY_BYTES:
+        if self.base and _rss_bytes() - self.base > VET_MEMORY_BYTES:
             raise TemplateLimitError(f"rendering used more than {VET_MEMORY_BYTES // 2**20} MB")
         return self._line
 
