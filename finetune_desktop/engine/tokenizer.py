@@ -113,16 +113,17 @@ class _Tracer:
 
     def __init__(self):
         self.base = _rss_bytes()
-        self.n = 0
+        self.active = True   # frames keep their local tracer after sys.settrace(None): this ends it
 
     def __call__(self, frame, event, arg):
-        if frame.f_code.co_filename != "<template>":
+        if not self.active or frame.f_code.co_filename != "<template>":
             return None
         return self._line
 
     def _line(self, frame, event, arg):
+        if not self.active:
+            return None
         _check_deadline()
-        self.n += 1
         if self.base and _rss_bytes() - self.base > VET_MEMORY_BYTES:
             raise TemplateLimitError(f"rendering used more than {VET_MEMORY_BYTES // 2**20} MB")
         return self._line
@@ -282,9 +283,10 @@ class Tokenizer:
         old = sys.gettrace() if tracer is not None else None
         if tracer is not None:
             sys.settrace(tracer)
+        gen = self._template.generate(messages=[dict(m) for m in messages], **ctx)
         try:
             parts, n = [], 0
-            for piece in self._template.generate(messages=[dict(m) for m in messages], **ctx):
+            for piece in gen:
                 n += len(piece)
                 if n > MAX_TEMPLATE_OUTPUT:
                     raise TemplateLimitError(f"the rendered text is longer than {MAX_TEMPLATE_OUTPUT:,} characters")
@@ -297,8 +299,10 @@ class Tokenizer:
             raise ModelFormatError(f"{self.template_source}: the chat template failed: {e}") from None
         finally:
             if tracer is not None:
+                tracer.active = False
                 sys.settrace(old)
             _deadline.t = None
+            gen.close()  # a render stopped half-way: end the template's frame now, not at garbage collection
 
     def _vet(self) -> None:
         """Render small synthetic chats under the tracer, so a template that runs away on its own,
