@@ -26,6 +26,15 @@ def good(tmp_path_factory):
     return tiny_model_folder(tmp_path_factory.mktemp("hostile") / "good")
 
 
+@pytest.fixture(scope="module")
+def time_limit(good):
+    """5 s, or more on a machine so busy that a normal chat with the same tiny model already takes
+    a good part of that: the refusal may take at most 3 s longer than a normal reply."""
+    rc, err, dt, _ = chat(good)
+    assert rc == 0, err
+    return max(LIMIT_S, dt + 3.0)
+
+
 def copy_of(good, tmp_path, name="m") -> Path:
     dst = tmp_path / name
     shutil.copytree(good, dst)
@@ -74,14 +83,14 @@ HOSTILE_TEMPLATES = {
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE_TEMPLATES))
-def test_hostile_templates_are_refused_in_time_and_memory(good, tmp_path, name):
+def test_hostile_templates_are_refused_in_time_and_memory(good, tmp_path, name, time_limit):
     folder = copy_of(good, tmp_path)
     where = set_template(folder, HOSTILE_TEMPLATES[name])
     rc, err, dt, peak = chat(folder)
     assert rc == 2, err
     assert err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert where.name in err and "chat template" in err, err
-    assert dt < LIMIT_S, f"{name}: refused only after {dt:.1f} s"
+    assert dt < time_limit, f"{name}: refused only after {dt:.1f} s"
     assert 0 < peak < LIMIT_BYTES, f"{name}: the process reached {peak / 2**20:.0f} MB"
 
 
@@ -125,7 +134,7 @@ BAD_CONFIGS = {
 
 
 @pytest.mark.parametrize("name", sorted(BAD_CONFIGS))
-def test_insane_configs_are_refused_naming_the_field(good, tmp_path, name):
+def test_insane_configs_are_refused_naming_the_field(good, tmp_path, name, time_limit):
     folder = copy_of(good, tmp_path)
     p = folder / "config.json"
     cfg = json.loads(p.read_text())
@@ -135,7 +144,7 @@ def test_insane_configs_are_refused_naming_the_field(good, tmp_path, name):
     rc, err, dt, peak = chat(folder)
     assert rc == 2, err
     assert "config.json" in err and field in err, err
-    assert dt < LIMIT_S and peak < LIMIT_BYTES
+    assert dt < time_limit and peak < LIMIT_BYTES
 
 
 def test_nan_weights_are_refused_naming_the_tensor(good, tmp_path):

@@ -169,14 +169,16 @@ def test_no_pickle_anywhere_in_a_run(lora_run):
     assert not any(n.startswith(".") for n in os.listdir(lora_run))  # no temp leftovers
 
 
-def test_a_killed_run_reads_as_stopped(folder, tmp_path):
+def test_a_killed_run_reads_as_interrupted(folder, tmp_path):
+    """A run marked running that nobody holds the lock of was interrupted; its reason says what
+    continuing it does. This process's own run reads as running."""
     from finetune_desktop.training.runs import update_run_json
 
     run = tmp_path / "run"
     run_loop(folder, run, TrainConfig(epochs=1, batch_size=4))
     update_run_json(run, status="running", pid=2**22 + 12345)  # no such process
     r = load_run(run)
-    assert r.status == "stopped" and "last checkpoint" in r.reason
+    assert r.status == "interrupted" and "finished but its model was not saved" in r.reason
     update_run_json(run, pid=os.getpid())  # this process: really running
     assert load_run(run).status == "running"
 

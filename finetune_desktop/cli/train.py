@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..training.control import TrainControl
-from ..training.events import EvalMetrics, RunStarted, StepMetrics
+from ..training.events import EvalMetrics, Notice, RunStarted, StepMetrics
 from .common import add_train_flags, config_from_args
 from .errors import CliError
 
@@ -38,7 +38,9 @@ class _Printer:
         self.started: RunStarted | None = None
 
     def __call__(self, ev) -> None:
-        if isinstance(ev, RunStarted):
+        if isinstance(ev, Notice):
+            self._p(f"note: {ev.message}")
+        elif isinstance(ev, RunStarted):
             self.started = ev
             if not self.quiet:
                 what = f"resuming at step {ev.resumed_from_step}" if ev.resumed_from_step else "training"

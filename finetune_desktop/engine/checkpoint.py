@@ -12,6 +12,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import stat
 import struct
@@ -169,7 +170,20 @@ def write_safetensors(path, tensors: dict[str, np.ndarray], dtype: str = "F32", 
     meta = {"format": "pt"}
     if metadata:
         meta.update({str(a): str(b) for a, b in metadata.items()})
-    _atomic_write_bytes(Path(path), lambda tmp: save_file(conv, tmp, metadata=meta))
+
+    def save(tmp):
+        try:
+            save_file(conv, tmp, metadata=meta)
+        except OSError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the library reports I/O errors as its own type
+            m = re.search(r"os error (\d+)", str(e))
+            if m:  # "No space left on device (os error 28)": an OSError like any other write's
+                code = int(m.group(1))
+                raise OSError(code, os.strerror(code), str(path)) from None
+            raise
+
+    _atomic_write_bytes(Path(path), save)
 
 
 def write_safetensors_bf16(path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:

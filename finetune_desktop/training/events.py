@@ -92,6 +92,12 @@ class RunStopped:
 
 
 @dataclass(frozen=True)
+class Notice:
+    """Something the person should know about how the run goes (in words, no flags)."""
+    message: str
+
+
+@dataclass(frozen=True)
 class RunPaused:
     """Sent when the loop starts waiting in a pause (so receivers can show everything up to here)."""
     run_dir: str

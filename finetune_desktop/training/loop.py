@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..engine.checkpoint import read_safetensors, write_safetensors
+from ..engine.checkpoint import read_safetensors
 from ..engine.optim import AdamWConfig, adamw_init, adamw_step, clip_grads, lr_at
 from .auto import Hyperparameters
 from .config import TrainConfig
@@ -79,6 +79,41 @@ class TrainingDiverged(Exception):
     pass
 
 
+# A run diverges when its loss climbs well above where it started and stays there: the weights
+# are being pushed too far each step and the model is being wrecked (it may still "finish").
+# The watch compares a smoothed training loss with the first step's loss (measured before any
+# update, so it is the pre-trained model's loss on this data).
+DIVERGE_MARGIN = 0.25       # relative rise over the starting loss that counts as "far above" ...
+DIVERGE_MIN_RISE = 1.0      # ... but at least this many nats
+DIVERGE_STEPS = 4           # ... for this many steps in a row
+LOSS_EMA = 0.3              # weight of the newest step in the smoothed loss
+
+
+@dataclass
+class DivergenceWatch:
+    start: float | None = None     # the first step's loss
+    ema: float | None = None       # smoothed training loss
+    above: int = 0                 # steps in a row with the smoothed loss far above the start
+
+    def limit(self) -> float:
+        return self.start + max(DIVERGE_MIN_RISE, DIVERGE_MARGIN * self.start)
+
+    def update(self, loss: float) -> str | None:
+        """Feed a step's loss; -> why the run diverged, or None."""
+        if self.start is None:
+            self.start = loss
+        self.ema = loss if self.ema is None else (1 - LOSS_EMA) * self.ema + LOSS_EMA * loss
+        self.above = self.above + 1 if self.ema > self.limit() else 0
+        if self.above >= DIVERGE_STEPS:
+            return (f"the training loss climbed from {self.start:.2f} at the start to {self.ema:.2f} and stayed "
+                    f"there for {self.above} steps")
+        return None
+
+    def suspicious(self) -> bool:
+        """The smoothed loss is far above the start right now: not a state to keep as a checkpoint."""
+        return self.start is not None and self.ema is not None and self.ema > self.limit()
+
+
 @dataclass
 class RunState:
     """What changes as a run goes; saved in every checkpoint's state.json."""
@@ -92,6 +127,7 @@ class RunState:
     checkpoint: str | None = None          # the newest checkpoint folder
     early_stopped: bool = False
     best_params: dict | None = field(default=None, repr=False)   # with restore_best
+    watch: DivergenceWatch = field(default_factory=DivergenceWatch)
 
     @property
     def total_steps(self) -> int:
@@ -142,6 +178,15 @@ def lr_for_step(step: int, segments: Sequence[dict], schedule: str) -> float:
     return lr_at(step - seg["start"], seg["steps"], seg["lr"], schedule, seg["warmup"])
 
 
+def peak_lr_at(step: int, segments: Sequence[dict]) -> float:
+    """The learning rate the schedule segment of `step` was set to (its peak, after warmup)."""
+    seg = segments[0]
+    for s in segments:
+        if s["start"] <= step:
+            seg = s
+    return float(seg["lr"])
+
+
 def evaluate(model, examples, batch_size: int, pad_id: int, batcher) -> tuple[float, float]:
     """Mean loss and token accuracy over every example (forward only), in batches."""
     if not examples:
@@ -161,13 +206,19 @@ def _default_batcher():
     return make_batches
 
 
-def _diverged_message(what: str, step: int, lr: float, ckpt: str | None) -> str:
-    lower = f"{lr / 10:.2g}"
-    keep = (f" The last good checkpoint ({Path(ckpt).name}) was kept; nothing after it was saved."
-            if ckpt else " No checkpoint had been saved yet.")
-    return (f"Training stopped at step {step}: {what}. The weights were moving too far per step, which "
-            f"usually means the learning rate ({lr:.3g}) is too high. Try a lower learning rate, for example "
-            f"{lower}, or 'auto'.{keep}")
+def _diverged_message(what: str, step: int, lr: float, ckpt: str | None, config: TrainConfig,
+                      hyper: Hyperparameters) -> str:
+    from .auto import auto_learning_rate
+
+    safe = auto_learning_rate(config.method, hyper.batch_size)
+    if lr <= safe:
+        safe = lr / 4
+    keep = (f" The last good checkpoint ({Path(ckpt).name}) was kept, and continuing the run starts from it with "
+            f"the lower learning rate." if ckpt else " No checkpoint had been saved yet.")
+    return (f"Training stopped at step {step}: {what}. The model was being wrecked rather than trained: the "
+            f"weights moved too far each step, which means the learning rate ({lr:.3g}) is too high for this "
+            f"model and data. A learning rate of {safe:.2g} is safe here (the automatic setting for "
+            f"{config.method} at batch {hyper.batch_size}).{keep}")
 
 
 # ----------------------------------------------------------------------------- the steps of a run
@@ -190,6 +241,7 @@ def _restore(run: _Run, st: RunState, segments_given: bool) -> None:
     st.best_valid = float(saved.get("best_valid_loss", math.inf) or math.inf)
     st.bad_evals = int(saved.get("evals_without_improvement", 0))
     st.last_train, st.last_valid = saved.get("last_train_loss"), saved.get("last_valid_loss")
+    st.watch = DivergenceWatch(saved.get("start_loss"), saved.get("loss_ema"))
     if not segments_given and saved.get("segments"):
         st.segments = [dict(s) for s in saved["segments"]]
     if run.config.restore_best and (cp / "best.safetensors").exists():
@@ -206,17 +258,17 @@ def _state_dict(run: _Run, st: RunState) -> dict:
             "rng": {"dropout": "numpy default_rng([seed, step]) per step"},
             "best_valid_loss": (st.best_valid if math.isfinite(st.best_valid) else None),
             "evals_without_improvement": st.bad_evals,
-            "last_train_loss": st.last_train, "last_valid_loss": st.last_valid, "saved": now_iso()}
+            "last_train_loss": st.last_train, "last_valid_loss": st.last_valid,
+            "start_loss": st.watch.start, "loss_ema": st.watch.ema, "saved": now_iso()}
 
 
 def _checkpoint(run: _Run, st: RunState) -> str:
     """Save the resumable state at this step (once per step)."""
     if st.checkpoint is not None and Path(st.checkpoint).name == f"step-{st.step:06d}" and Path(st.checkpoint).exists():
         return st.checkpoint
+    extra = {"best.safetensors": st.best_params} if st.best_params is not None else None
     cp = save_checkpoint(run.run_dir, st.step, run.params, run.opt, _state_dict(run, st),
-                         keep=run.options.keep_checkpoints)
-    if st.best_params is not None:
-        write_safetensors(cp / "best.safetensors", st.best_params)
+                         keep=run.options.keep_checkpoints, extra_tensors=extra)
     st.checkpoint = str(cp)
     update_run_json(run.run_dir, step=st.step, checkpoint=str(cp.relative_to(run.run_dir)), elapsed_s=run.elapsed(st))
     run.emit(CheckpointSaved(step=st.step, epoch=st.step / run.steps_per_epoch, path=st.checkpoint))
@@ -293,6 +345,7 @@ def _step(run: _Run, st: RunState, b, timer: _StepTimer) -> None:
     del grads
     st.step = step + 1
     st.last_train = float(loss)
+    why = st.watch.update(st.last_train)
     dt = t4 - t0
     timer.ema = dt if timer.ema is None else 0.8 * timer.ema + 0.2 * dt
     ntok = int(b.attention_mask.sum())
@@ -314,6 +367,8 @@ def _step(run: _Run, st: RunState, b, timer: _StepTimer) -> None:
         emit(run.snap.build(st.step, before, layer_gn, run.control.focus_matrix, rel))
         # never spend more than ~1/6 of the time on snapshots (full fine-tuning of big matrices)
         timer.last_snapshot = time.perf_counter() + 5 * (time.perf_counter() - t5)
+    if why:
+        raise TrainingDiverged(why)
 
 
 def _after_step(run: _Run, st: RunState) -> None:
@@ -322,8 +377,8 @@ def _after_step(run: _Run, st: RunState) -> None:
     epoch_end = st.step % S == 0
     if epoch_end or (run.hyper.eval_every and st.step % run.hyper.eval_every == 0):
         _evaluate(run, st)
-    if epoch_end and (run.config.checkpoint_every_epoch or st.step >= st.total_steps):
-        _checkpoint(run, st)
+    if epoch_end and (run.config.checkpoint_every_epoch or st.step >= st.total_steps) and not st.watch.suspicious():
+        _checkpoint(run, st)  # never while the loss is far above the start: the last checkpoint stays a good one
     patience = run.config.early_stopping_patience
     if run.valid_examples and patience and st.bad_evals >= patience:
         st.early_stopped = True  # no better validation loss for `patience` evaluations
@@ -386,12 +441,13 @@ def _finish(run: _Run, st: RunState, stopped: bool) -> TrainResult:
     return TrainResult("finished", rd, st.step, st.last_train, st.last_valid, el, model_dir, st.checkpoint)
 
 
-def _fail(run: _Run, st: RunState, reason: str) -> TrainResult:
+def _fail(run: _Run, st: RunState, reason: str, kind: str = "error", lr: float | None = None) -> TrainResult:
     run.metrics.close()
     el = run.elapsed(st)
     try:
         update_run_json(run.run_dir, status="failed", step=st.step, finished=now_iso(),
-                        failure={"reason": reason, "step": st.step + 1, "checkpoint": st.checkpoint})
+                        failure={"reason": reason, "kind": kind, "step": st.step, "lr": lr,
+                                 "checkpoint": Path(st.checkpoint).name if st.checkpoint else None})
     except Exception:  # noqa: BLE001 - the failure itself must still be reported
         pass
     run.emit(RunFailed(run_dir=str(run.run_dir), reason=reason, step=st.step, checkpoint=st.checkpoint))
@@ -470,8 +526,14 @@ def train(model, train_examples, valid_examples, config: TrainConfig, hyper: Hyp
             stopped = _train_epochs(run, st)
             return _finish(run, st, stopped)
         except TrainingDiverged as e:
-            lr = lr_for_step(min(st.step, st.total_steps - 1), st.segments, config.schedule)
-            return _fail(run, st, _diverged_message(str(e), st.step + 1, lr, st.checkpoint))
+            lr = peak_lr_at(max(0, st.step - 1), st.segments)
+            return _fail(run, st, _diverged_message(str(e), st.step, lr, st.checkpoint, config, hyper),
+                         kind="diverged", lr=lr)
+        except OSError as e:  # disk full, permissions, a removed folder: the machine said no
+            where = e.filename or run.run_dir
+            return _fail(run, st, f"Could not write {where}: {e.strerror or e}. Nothing already saved was "
+                                  "damaged; fix the problem (for example free some disk space) and continue the run.",
+                         kind="io")
         except MemoryError:
             keep = f" The last checkpoint ({Path(st.checkpoint).name}) was kept." if st.checkpoint else ""
             return _fail(run, st, "Training ran out of memory. Use a smaller batch size or a shorter maximum "

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import socket
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +33,145 @@ CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
 
 class RunError(UserError):
     """A problem with a run folder, in words for the user."""
+
+
+class RunLocked(RunError):
+    """Another process is writing this run folder."""
+
+
+# ----------------------------------------------------------------------------- one writer per run
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """An exclusive OS file lock on a run folder, held while a process trains in it.
+
+    The lock lives on `.lock` inside the folder (fcntl.flock on Unix, msvcrt on Windows). The
+    operating system drops it when the process ends in any way, kill -9 included, so a lock can
+    never be left behind by a crash; the file itself only records who holds it (pid, host,
+    time) for the message another writer gets."""
+
+    def __init__(self, run_dir):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not _try_lock(fd):
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunLocked(f"{self.run_dir} is being written by another process ({holder}); wait for it to "
+                            "finish or stop it first")
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": now_iso()}).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                os.ftruncate(self._fd, 0)
+            except OSError:
+                pass
+            _unlock(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire() if self._fd is None else self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+if os.name == "nt":  # pragma: no cover - Windows
+    import msvcrt
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+
+    def _unlock(fd: int) -> None:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        except OSError:
+            pass
+else:
+    import fcntl
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            return False
+
+    def _unlock(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        d = json.loads(os.read(fd, 4096).decode("utf-8") or "{}")
+        return f"process {d.get('pid', '?')} on {d.get('host', '?')}, since {d.get('since', '?')}"
+    except (OSError, ValueError, AttributeError):
+        return "a process that has not said who it is"
+
+
+def lock_holder(run_dir) -> dict | None:
+    """Who holds the run's lock right now ({"pid", "host", "since"}), or None when nobody does.
+    A process that trains in this folder itself appears too (its pid is os.getpid())."""
+    p = Path(run_dir) / LOCK_FILE
+    try:
+        fd = os.open(p, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        if _try_lock(fd):
+            _unlock(fd)
+            return None
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            d = json.loads(os.read(fd, 4096).decode("utf-8") or "{}")
+        except (OSError, ValueError):
+            d = {}
+        return d if isinstance(d, dict) else {}
+    finally:
+        os.close(fd)
+
+
+# what engine.checkpoint's atomic writes leave when interrupted: ".NAME.XXXX.tmp" files,
+# ".NAME.tmp-XXXX" folders, and ".NAME.old-PID" folders from a swap cut in the middle
+TEMP_PATTERNS = (".*.tmp", ".*.tmp-*", ".*.old-*")
+
+
+def remove_leftovers(run_dir) -> list[str]:
+    """Delete half-written temp files and folders that a killed process left behind (call it only
+    while holding the run's lock). -> the names removed."""
+    run_dir = Path(run_dir)
+    removed = []
+    for where in (run_dir, run_dir / "checkpoints"):
+        if not where.is_dir():
+            continue
+        for pat in TEMP_PATTERNS:
+            for p in where.glob(pat):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    try:
+                        p.unlink()
+                    except OSError:
+                        continue
+                removed.append(str(p.relative_to(run_dir)))
+    return removed
 
 
 # ----------------------------------------------------------------------------- where runs live
@@ -198,19 +338,37 @@ def pid_alive(pid) -> bool:
     return True
 
 
+def interrupted_reason(run_dir, info: dict) -> str:
+    """What a run whose process died can do next, in words (no command-line flags)."""
+    cps = checkpoint_dirs(run_dir)
+    total = int((info.get("hyper") or {}).get("total_steps", 0) or 0)
+    if not cps:
+        return "the training process ended before the first checkpoint; continuing starts it again from step 0"
+    step = int(cps[-1].name.split("-")[-1])
+    if total and step >= total:
+        return "the training finished but its model was not saved; continuing saves it"
+    return f"the training process ended at step {step} of {total}; it can continue from there"
+
+
 def load_run(run_dir) -> RunInfo:
-    """A run's summary. A run marked running whose process is gone (killed) reads as stopped:
-    it continues from its last checkpoint like any stopped run."""
+    """A run's summary. A run marked running whose lock nobody holds (its process died, even by
+    kill -9) reads as "interrupted", with what continuing it will do; one whose lock another
+    process holds reads as running there."""
     run_dir = Path(run_dir)
     d = read_run_json(run_dir)
     reason = (d.get("failure") or {}).get("reason")
-    if d.get("status") == "running" and "pid" in d and not pid_alive(d.get("pid")):
-        d["status"] = "stopped"
-        reason = "the training process ended before the run finished; it can continue from its last checkpoint"
+    status = str(d.get("status", "unknown"))
+    if status == "running":
+        holder = lock_holder(run_dir)
+        if holder is None and d.get("pid") != os.getpid():
+            status, reason = "interrupted", interrupted_reason(run_dir, d)
+        elif holder is not None and holder.get("pid") != os.getpid():
+            reason = (f"training in another process (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
+                      f"since {holder.get('since', '?')})")
     final = d.get("final") or {}
     settings = d.get("settings") or {}
     hyper = d.get("hyper") or {}
-    return RunInfo(path=str(run_dir), name=run_dir.name, status=str(d.get("status", "unknown")),
+    return RunInfo(path=str(run_dir), name=run_dir.name, status=status,
                    created=str(d.get("created", "")), updated=str(d.get("updated", "")),
                    method=str(settings.get("method", "")),
                    base_model=str((d.get("base_model") or {}).get("path", "")),
@@ -328,12 +486,16 @@ def latest_checkpoint(run_dir) -> Path | None:
     return c[-1] if c else None
 
 
-def save_checkpoint(run_dir, step: int, trainable: dict, opt_state: dict, state: dict, keep: int = 1) -> Path:
-    """Write checkpoints/step-NNNNNN atomically (safetensors + JSON), then drop all but the newest `keep`."""
+def save_checkpoint(run_dir, step: int, trainable: dict, opt_state: dict, state: dict, keep: int = 1,
+                    extra_tensors: dict[str, dict] | None = None) -> Path:
+    """Write checkpoints/step-NNNNNN atomically (safetensors + JSON; extra_tensors: more
+    safetensors files by name, in the same swap), then drop all but the newest `keep`."""
     target = Path(run_dir) / "checkpoints" / f"step-{step:06d}"
     tmp = make_temp_dir_beside(target)
     try:
         write_safetensors(tmp / "trainable.safetensors", trainable)
+        for name, tensors in (extra_tensors or {}).items():
+            write_safetensors(tmp / name, tensors)
         opt = {f"m.{k}": v for k, v in opt_state["m"].items()}
         opt.update({f"v.{k}": v for k, v in opt_state["v"].items()})
         write_safetensors(tmp / "optimizer.safetensors", opt)

@@ -23,8 +23,9 @@ from .config import TrainConfig
 from .control import TrainControl
 from .loading import open_model
 from .loop import LoopOptions, TrainResult, default_segments, train
-from .runs import (RunError, latest_checkpoint, new_run_dir, now_iso, pid_alive, read_run_json, sha256_file,
-                   versions, write_run_json)
+from .events import Notice
+from .runs import (LOCK_FILE, RunError, RunLock, latest_checkpoint, new_run_dir, now_iso, read_run_json,
+                   remove_leftovers, sha256_file, truncate_metrics, versions, write_run_json)
 
 
 class TrainingSetupError(UserError):
@@ -181,12 +182,12 @@ def _steps_per_epoch(examples, batch_size, seed, pad_id) -> int:
 
 
 def check_run_dir_free(run_dir) -> Path:
-    """The run folder to create: it must not exist yet, or be an empty folder."""
+    """The run folder to create: it must not exist yet, or hold nothing but a lock file."""
     run_dir = Path(run_dir).expanduser()
     if run_dir.exists():
         if not run_dir.is_dir():
-            raise TrainingSetupError(f"{run_dir} exists and is not a folder")
-        if any(run_dir.iterdir()):
+            raise RunFolderInUse(f"{run_dir} exists and is not a folder")
+        if any(p.name != LOCK_FILE for p in run_dir.iterdir()):
             if (run_dir / "run.json").exists():
                 raise RunFolderInUse(f"{run_dir} already holds a run")
             raise RunFolderInUse(f"{run_dir} exists and is not empty")
@@ -210,6 +211,14 @@ def start_training(data_path, run_dir=None, config: TrainConfig = TrainConfig(),
     if run_dir is None:
         run_dir = new_run_dir(Path(data_path).stem)
     run_dir = check_run_dir_free(run_dir)
+    with RunLock(run_dir):  # one writer per run folder, for the run's whole life
+        check_run_dir_free(run_dir)  # again, now that no one else can write here
+        return _start_locked(model, tok, base_dir, data, data_path, run_dir, config, base, validation_path,
+                             on_event, control, options)
+
+
+def _start_locked(model, tok, base_dir, data, data_path, run_dir, config, base, validation_path, on_event,
+                  control, options) -> TrainResult:
     attach_method(model, config)
     pad = tok.pad_token_id
     longest = max(len(e) for e in data.train)
@@ -217,8 +226,6 @@ def start_training(data_path, run_dir=None, config: TrainConfig = TrainConfig(),
     bs_guess = resolve(config, len(data.train), longest, train_tokens=tokens).batch_size
     spe = _steps_per_epoch(data.train, bs_guess, config.seed, pad)
     hyper = resolve(config, len(data.train), longest, steps_per_epoch=spe, train_tokens=tokens)
-
-    run_dir.mkdir(parents=True, exist_ok=True)
     wf = weights_file(base_dir)
     info = {
         "format": 1,
@@ -229,11 +236,11 @@ def start_training(data_path, run_dir=None, config: TrainConfig = TrainConfig(),
                        "weights_sha256": sha256_file(wf) if wf else None,
                        "model_type": model.config.model_type, "num_parameters": model.num_parameters()},
         "data": {"path": str(Path(data_path).resolve()), "sha256": sha256_file(data_path),
-                 "format": getattr(data.report, "format", None), "num_examples": len(data.conversations),
+                 "format": data.report.format, "num_examples": len(data.conversations),
                  "validation_path": str(Path(validation_path).resolve()) if validation_path else None,
                  "validation_sha256": sha256_file(validation_path) if validation_path else None,
                  "num_train": len(data.train), "num_valid": len(data.valid),
-                 "train_tokens": int(sum(len(e) for e in data.train)),
+                 "train_tokens": tokens,
                  "trained_tokens": int(sum(e.num_trained_tokens for e in data.train))},
         "settings": config.to_dict(),
         "hyper": hyper.to_dict(),
@@ -249,18 +256,43 @@ def start_training(data_path, run_dir=None, config: TrainConfig = TrainConfig(),
 
 def resume_training(run_dir, extra_epochs: int = 0, on_event=None, control: TrainControl | None = None,
                     options: LoopOptions = LoopOptions(), total_epochs: int | None = None) -> TrainResult:
-    """Continue a stopped (or killed) run from its newest checkpoint; with extra_epochs (or a
-    total_epochs above the run's), add epochs to a finished run. Same data and settings as recorded."""
+    """Continue a run the way it needs: a stopped or interrupted run from its newest checkpoint; a
+    run interrupted before its first checkpoint from step 0 (same settings and data); a run whose
+    steps are all done but whose model was not saved, by saving it; a diverged run from its last
+    good checkpoint with a lower learning rate. With extra_epochs (or a total_epochs above the
+    run's), add epochs to a finished run. Same data and settings as recorded."""
     run_dir = Path(run_dir).expanduser()
-    try:
-        info = read_run_json(run_dir)
-    except RunError as e:
-        raise TrainingSetupError(str(e)) from None
-    if info.get("status") == "running" and pid_alive(info.get("pid")):
-        raise TrainingSetupError(f"{run_dir} is still running (process {info.get('pid')})")
-    cp = latest_checkpoint(run_dir)
-    if cp is None:
-        raise TrainingSetupError(f"{run_dir} has no checkpoint to resume from; start a new run instead")
+    if not (run_dir / "run.json").exists():
+        read_run_json(run_dir)  # the clear "not a run folder" error, before making a lock file there
+    with RunLock(run_dir):
+        removed = remove_leftovers(run_dir)
+        emit = on_event or (lambda e: None)
+        if removed:
+            emit(Notice(f"removed {len(removed)} half-written file(s) left by an interrupted process"))
+        return _resume_locked(run_dir, extra_epochs, emit, control, options, total_epochs)
+
+
+def _lower_lr_after_divergence(info: dict, segs: list[dict], done: int, config: TrainConfig,
+                               hyper: Hyperparameters) -> tuple[list[dict], float | None]:
+    """A run that failed by diverging continues with a safe learning rate: the auto rule's, or a
+    quarter of the one that diverged when that is lower, from its last good checkpoint."""
+    failure = info.get("failure") or {}
+    if info.get("status") != "failed" or failure.get("kind") != "diverged":
+        return segs, None
+    from .auto import auto_learning_rate
+
+    bad = float(failure.get("lr") or hyper.learning_rate)
+    new = min(auto_learning_rate(config.method, hyper.batch_size), bad / 4)
+    total = segs[-1]["start"] + segs[-1]["steps"]
+    kept = [dict(x) for x in segs if x["start"] < done]
+    if kept:
+        kept[-1]["steps"] = max(1, done - kept[-1]["start"])
+    kept.append({"start": done, "steps": max(1, total - done), "warmup": 0, "lr": new})
+    return kept, new
+
+
+def _resume_locked(run_dir: Path, extra_epochs: int, emit, control, options, total_epochs) -> TrainResult:
+    info = read_run_json(run_dir)
     try:
         config = TrainConfig.from_dict(info["settings"])
         hyper = Hyperparameters.from_dict(info["hyper"])
@@ -269,15 +301,18 @@ def resume_training(run_dir, extra_epochs: int = 0, on_event=None, control: Trai
         data_info = info["data"]
     except (KeyError, TypeError, ValueError) as e:
         raise TrainingSetupError(f"{run_dir / 'run.json'}: missing or invalid field {e}") from None
-
-    import json
-    try:
-        st = json.loads((cp / "state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise TrainingSetupError(f"{cp}: checkpoint state cannot be read ({e})") from None
-    done = int(st.get("step", 0))
-    if st.get("segments"):
-        segs = [dict(s) for s in st["segments"]]
+    cp = latest_checkpoint(run_dir)
+    done = 0
+    if cp is not None:
+        import json
+        try:
+            st = json.loads((cp / "state.json").read_text(encoding="utf-8"))
+            done = int(st.get("step", 0))
+        except (OSError, ValueError, TypeError) as e:
+            raise RunError(f"{cp / 'state.json'}: the checkpoint is damaged ({e}); delete that checkpoint "
+                           "folder to continue from an earlier one, or start a new run") from None
+        if st.get("segments"):
+            segs = [dict(s) for s in st["segments"]]
     total = segs[-1]["start"] + segs[-1]["steps"]
     S = hyper.steps_per_epoch
     if total_epochs is not None and total_epochs * S > total:
@@ -292,8 +327,18 @@ def resume_training(run_dir, extra_epochs: int = 0, on_event=None, control: Trai
         hyper = Hyperparameters(epochs=total // S, batch_size=hyper.batch_size, learning_rate=hyper.learning_rate,
                                 eval_every=hyper.eval_every, warmup_steps=hyper.warmup_steps, steps_per_epoch=S,
                                 total_steps=total, auto=hyper.auto)
-    elif done >= total:
+    elif done >= total and info.get("status") == "finished" and (run_dir / "model" / "config.json").exists():
         raise RunAlreadyFinished(f"{run_dir} already finished all {total} steps; add epochs to train more")
+    segs, lowered = _lower_lr_after_divergence(info, segs, done, config, hyper)
+    if lowered is not None:
+        emit(Notice(f"this run diverged at learning rate {float((info.get('failure') or {}).get('lr') or 0):.3g}; "
+                    f"it continues from step {done} with the safer learning rate {lowered:.3g}"))
+    elif cp is None:
+        emit(Notice("this run ended before its first checkpoint, so it starts again from step 0 with the same "
+                    "settings and data"))
+        truncate_metrics(run_dir, 0)
+    elif done >= total:
+        emit(Notice("this run had finished training but its model was not saved; saving it now"))
 
     if not base_path.exists():
         raise TrainingSetupError(f"the run's base model {base_path} is gone; it is needed to resume")
@@ -314,6 +359,5 @@ def resume_training(run_dir, extra_epochs: int = 0, on_event=None, control: Trai
     data = prepare_data(data_info["path"], tok, config, data_info.get("validation_path"),
                         estimate_tokens_per_second(model, config.method))
     attach_method(model, config)
-    return train(model, data.train, data.valid, config, hyper, run_dir, on_event=on_event, control=control,
-                 resume=True, options=options, base_dir=base_dir, segments=segs, pad_id=tok.pad_token_id)
-
+    return train(model, data.train, data.valid, config, hyper, run_dir, on_event=emit, control=control,
+                 resume=cp is not None, options=options, base_dir=base_dir, segments=segs, pad_id=tok.pad_token_id)
