@@ -215,3 +215,20 @@ def test_a_full_disk_fails_cleanly_and_the_run_completes_after_space_is_freed(se
         assert not list(run.rglob(".*.tmp*"))
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_validate_and_train_agree_when_nothing_is_left_to_train(setup, tmp_path):
+    """Every example longer than the maximum length, with the reply after the cut: validate says
+    invalid (exit 1, naming the problem) and train refuses with the same reason."""
+    from finetune_desktop.data.types import Conversation, Message
+
+    d, folder, _ = setup
+    long_q = "tell me about the sea and the wind and the boats " * 20
+    convs = [Conversation((Message("user", long_q + str(i)), Message("assistant", "Arr, matey!")), i + 1)
+             for i in range(12)]
+    data = write_jsonl(tmp_path / "long.jsonl", convs)
+    v = clean(cli("validate", data, "--base", folder, "--max-seq-len", "32"))
+    assert v.returncode == 1 and "no example has any assistant tokens left" in v.stdout, v.stdout
+    t = clean(cli("train", data, "--out", tmp_path / "r", "--base", folder, "--max-seq-len", "32"))
+    assert t.returncode in (1, 2) and "assistant tokens left" in t.stderr, t.stderr
+    assert clean(cli("validate", data, "--base", folder, "--max-seq-len", "2048")).returncode == 0

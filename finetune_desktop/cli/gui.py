@@ -1,6 +1,8 @@
 """`finetune-desktop [gui [DATA]]`: open the app."""
 from __future__ import annotations
 
+import sys
+
 NAME = "gui"
 
 
@@ -11,6 +13,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..gui.startup import window_system_problem
+
+    problem = window_system_problem()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     from ..gui.app import run_app
 
     return run_app(args.data)

@@ -112,6 +112,11 @@ def _validate(spath, sniff, tokenizer, max_seq_len, batch_size, tokens_per_secon
         return report(stats.get("format"))
     if not convs and col.error_count == 0:
         col.error(det.first_line, None, "no examples found", "empty_file")
+    elif encoder is not None and convs and not examples and col.error_count == 0:
+        # the same rule training applies: something must be left to learn from
+        col.error(None, None, f"no example has any assistant tokens left to train on after cutting each example "
+                              f"to {max_seq_len} tokens (the maximum length); raise the maximum length or shorten "
+                              "the prompts", "nothing_to_train")
     _file_warnings(convs, col)
     return report(det.format, convs, examples, lengths, totals)
 
