@@ -49,7 +49,7 @@ def test_train_prints_progress_and_summary(trained):
     out, p = trained
     lines = p.stdout.splitlines()
     assert sum(1 for l in lines if l.startswith("step ")) == 6
-    assert any("validation at step 6" in l for l in lines)
+    assert any("evaluation at step 6: validation loss" in l for l in lines)
     assert "finished in" in p.stdout and "final train loss" in p.stdout and "validation loss" in p.stdout
     assert f"model: {out / 'model'}" in p.stdout
     info = json.loads((out / "run.json").read_text())

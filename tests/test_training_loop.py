@@ -69,8 +69,9 @@ def test_events_and_metrics_file(folder, tmp_path):
     for d in m.train:
         assert need <= set(d), need - set(d)
     assert [d["train_loss"] for d in m.train] == [e.train_loss for e in steps]  # exact floats round-trip
-    # evaluations every 2 steps and at each epoch end (steps 3 and 6), never twice for one step
-    assert [d["step"] for d in m.eval] == [2, 3, 4, 6]
+    # one evaluation before training (where validation starts), then every 2 steps and at each
+    # epoch end (steps 3 and 6), never twice for one step
+    assert [d["step"] for d in m.eval] == [0, 2, 3, 4, 6]
     for d in m.eval:
         assert {"valid_loss", "valid_token_accuracy", "step", "epoch"} <= set(d)
     info = read_run_json(tmp_path / "run")

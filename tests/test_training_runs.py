@@ -69,7 +69,7 @@ def test_metrics_reader_skips_a_cut_off_last_line(lora_run, tmp_path):
         f.write('{"step": 99, "train_lo')  # a process killed mid-write
     m = load_run_metrics(copy)
     assert m.train == m0.train and m.eval == m0.eval
-    assert len(m.train) == 6 and len(m.eval) == 6  # auto eval_every: every step of a 6-step run
+    assert len(m.train) == 6 and len(m.eval) == 7  # before training, then every step of a 6-step run (auto)
     assert load_run_metrics(tmp_path / "nothing").train == []
 
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..training.control import TrainControl
-from ..training.events import EvalMetrics, Notice, RunStarted, StepMetrics
+from ..training.events import EvalMetrics, Notice, RunAlarm, RunStarted, StepMetrics
 from .common import add_train_flags, config_from_args
 from .errors import CliError
 
@@ -55,8 +55,16 @@ class _Printer:
                     f"acc {100 * ev.train_token_accuracy:5.1f}%  lr {ev.lr:.2e}  {ev.tokens_per_s:6.0f} tok/s  "
                     f"eta {_fmt_time(ev.eta_s)}")
         elif isinstance(ev, EvalMetrics) and not self.quiet:
-            self._p(f"  validation at step {ev.step}: loss {ev.valid_loss:.4f}  "
-                    f"acc {100 * ev.valid_token_accuracy:.1f}%")
+            parts = []
+            if ev.valid_loss is not None:
+                parts.append(f"validation loss {ev.valid_loss:.4f}  acc {100 * ev.valid_token_accuracy:.1f}%")
+            if ev.general_loss is not None:
+                parts.append(f"general loss {ev.general_loss:.4f}")
+            if ev.quiz_score is not None:
+                parts.append(f"quiz {ev.quiz_score}/{ev.quiz_total}")
+            self._p(f"  evaluation at step {ev.step}: " + "  ".join(parts))
+        elif isinstance(ev, RunAlarm):
+            self._p(f"warning: {ev.message}")
 
     def _p(self, s: str) -> None:
         self.out.write(s + "\n")
@@ -104,6 +112,12 @@ def register(sub) -> None:
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint; with --epochs N above the "
                         "run's, add epochs to a finished run")
+    t.add_argument("--quiz", metavar="FILE", default=None,
+                   help="a quiz file (JSONL question/expected) or training file whose questions are asked "
+                        "(greedy) at every evaluation; the score is printed and kept in metrics.jsonl")
+    t.add_argument("--general-file", metavar="FILE|none", default="auto",
+                   help="general dialogs whose loss at every evaluation shows how much the model forgets; "
+                        "auto uses the base model's own set when it ships one")
     t.add_argument("--quiet", action="store_true", help="print only the summary, not every step")
     t.set_defaults(run=run, hint_for=hint_for)
 
@@ -155,7 +169,8 @@ def run(args) -> int:
             total_epochs = args.epochs if isinstance(args.epochs, int) else None
             result = resume_training(out, on_event=printer, control=control, total_epochs=total_epochs)
         else:
-            config = config_from_args(args)
+            config = config_from_args(args).replace(
+                quiz_file=args.quiz, general_file=None if args.general_file in ("", "none") else args.general_file)
             if not Path(args.data).exists():
                 raise CliError(f"{args.data}: no such file", 2)
             check_config(config)
@@ -163,7 +178,8 @@ def run(args) -> int:
             vpath = args.validation_file
             model, tok, base_dir = load_base_model(args.base)
             config = fit_config_to_model(config, model)
-            data = prepare_data(args.data, tok, config, vpath, estimate_tokens_per_second(model, config.method))
+            data = prepare_data(args.data, tok, config, vpath, estimate_tokens_per_second(model, config.method),
+                                base_dir=base_dir)
             if not printer.quiet:
                 _print_data_summary(data)
             result = start_training(args.data, args.out, config, base=args.base, validation_path=vpath,

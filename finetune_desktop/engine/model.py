@@ -445,6 +445,27 @@ class Model:
             out.append(np.concatenate(parts, axis=0))
         return out
 
+    def residual_rms(self, cache, attention_mask=None) -> list[float]:
+        """From a forward's cache: the RMS of the residual stream entering each layer and after the
+        last one (L + 1 numbers), averaged over the real (unpadded) tokens. Each RMSNorm keeps
+        1 / rms(x) per token, so nothing is recomputed."""
+        shards, caches = cache
+        out = []
+        for l in range(self.config.num_hidden_layers + 1):
+            total, count = 0.0, 0
+            for s, (_, layer_caches, c_lnf, _, _) in zip(shards, caches):
+                rstd = (layer_caches[l][0] if l < self.config.num_hidden_layers else c_lnf)[2][..., 0]  # (B, T)
+                rms = 1.0 / rstd
+                if attention_mask is not None:
+                    m = np.asarray(attention_mask)[s] > 0
+                    total += float(rms[m].sum())
+                    count += int(m.sum())
+                else:
+                    total += float(rms.sum())
+                    count += rms.size
+            out.append(total / max(count, 1))
+        return out
+
     def loss_forward(self, logits, labels, overwrite_logits: bool = False):
         """The mean cross-entropy over the batch, per shard in parallel (engine/loss.py)."""
         return loss_mod.loss_forward(logits, labels, self.shards(logits.shape[0]), overwrite_logits)

@@ -200,6 +200,8 @@ class LossPanel(QWidget):
                        [m.grad_norm for m in metrics], [m.tokens_per_s for m in metrics])
 
     def add_eval(self, ev) -> None:
+        if ev.valid_loss is None:  # an evaluation with only the general loss or the quiz score
+            return
         self.evals.append_rows({"step": [ev.step], "epoch": [ev.epoch], "valid_loss": [ev.valid_loss],
                                 "valid_acc": [ev.valid_token_accuracy]})
         self._dirty = True

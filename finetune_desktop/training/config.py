@@ -32,6 +32,9 @@ class TrainConfig:
     seed: int = 0
     snapshot_interval_s: float = 0.25        # at most ~4 weight snapshots per second to the UI
     checkpoint_every_epoch: bool = True
+    general_file: str | None = "auto"        # general dialogs whose loss shows forgetting at each evaluation;
+                                             # "auto" = the base model's general_eval.jsonl if it ships one
+    quiz_file: str | None = None             # a quiz (or training) file scored at each evaluation
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)

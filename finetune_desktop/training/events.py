@@ -50,8 +50,37 @@ class StepMetrics:
 class EvalMetrics:
     step: int
     epoch: float
-    valid_loss: float
-    valid_token_accuracy: float
+    valid_loss: float | None                 # None when the run has no validation data
+    valid_token_accuracy: float | None
+    general_loss: float | None = None        # loss on the base model's general dialogs (forgetting meter)
+    quiz_score: int | None = None            # questions of the quiz file answered right (greedy)
+    quiz_total: int | None = None
+
+
+@dataclass(frozen=True)
+class StepDetail:
+    """What one step computed, phase by phase (sent for the steps that step mode runs).
+    Arrays are copies."""
+    step: int                                # the step these numbers belong to (1-based)
+    learning_rate: float
+    input_ids: np.ndarray                    # (B, T) the batch
+    labels: np.ndarray                       # (B, T) -100 where a token does not count toward the loss
+    attention_mask: np.ndarray               # (B, T) 0 for padding
+    example_lines: tuple[int, ...]           # source line of each batch row in the training file
+    activation_rms: tuple[float, ...]        # forward: RMS of the residual stream entering each layer, and after the last
+    token_losses: np.ndarray                 # loss: (T,) per-token loss of row 0; NaN where not counted
+    loss: float
+    grad_norms: dict[str, float]             # backprop: L2 norm per tensor (LoRA: per adapted matrix, A and B together)
+    update_ratios: dict[str, float]          # update: ||change|| / ||weight|| per tensor (LoRA: of W0 + s B A)
+
+
+@dataclass(frozen=True)
+class RunAlarm:
+    """The run is overfitting or forgetting: said once, in plain words."""
+    kind: str                                # "overfit" or "forgetting"
+    message: str
+    step: int
+    best_step: int | None                    # the step of the best validation loss so far
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,8 @@ from ..engine.optim import AdamWConfig, adamw_init, adamw_step, clip_grads, lr_a
 from .auto import Hyperparameters
 from .config import TrainConfig
 from .control import TrainControl
-from .events import (CheckpointSaved, EvalMetrics, PhaseEvent, PhaseTimes, RunFailed, RunFinished, RunPaused,
-                     RunStarted, RunStopped, StepMetrics)
+from .events import (CheckpointSaved, EvalMetrics, PhaseEvent, PhaseTimes, RunAlarm, RunFailed, RunFinished,
+                     RunPaused, RunStarted, RunStopped, StepDetail, StepMetrics)
 from .memory import available_memory_bytes, estimate_peak_memory
 from .runs import (MetricsWriter, latest_checkpoint, load_checkpoint, now_iso, read_run_json, save_checkpoint,
                    save_run_model, truncate_metrics, update_run_json, write_run_json)
@@ -89,6 +89,10 @@ DIVERGE_STEPS = 4           # ... for this many steps in a row
 LOSS_EMA = 0.3              # weight of the newest step in the smoothed loss
 
 
+OVERFIT_EVALS = 3          # validation loss rising this many evaluations in a row while training loss falls
+FORGETTING_RISE = 0.5      # general-dialog loss above its start by this many nats per token
+
+
 @dataclass
 class DivergenceWatch:
     start: float | None = None     # the first step's loss
@@ -128,6 +132,10 @@ class RunState:
     early_stopped: bool = False
     best_params: dict | None = field(default=None, repr=False)   # with restore_best
     watch: DivergenceWatch = field(default_factory=DivergenceWatch)
+    best_step: int | None = None           # step of the best validation loss
+    valid_history: list = field(default_factory=list)    # (step, valid loss, smoothed train loss) per evaluation
+    general_start: float | None = None     # general-ability loss before training
+    alarms: set = field(default_factory=set)             # kinds already raised
 
     @property
     def total_steps(self) -> int:
@@ -156,6 +164,9 @@ class _Run:
     snap: SnapshotMaker | None = None
     t_start: float = 0.0
     default_system: str | None = None
+    general_examples: Sequence = ()                 # the base model's general dialogs (forgetting meter)
+    quiz_items: Sequence = ()                       # training.quiz items scored at each evaluation
+    tokenizer: object = None                        # needed for the quiz
 
     @property
     def steps_per_epoch(self) -> int:
@@ -242,9 +253,11 @@ def _restore(run: _Run, st: RunState, segments_given: bool) -> None:
     st.bad_evals = int(saved.get("evals_without_improvement", 0))
     st.last_train, st.last_valid = saved.get("last_train_loss"), saved.get("last_valid_loss")
     st.watch = DivergenceWatch(saved.get("start_loss"), saved.get("loss_ema"))
+    st.general_start = saved.get("general_start")
+    st.best_step = saved.get("best_step")
     if not segments_given and saved.get("segments"):
         st.segments = [dict(s) for s in saved["segments"]]
-    if run.config.restore_best and (cp / "best.safetensors").exists():
+    if (cp / "best.safetensors").exists():
         st.best_params = read_safetensors(cp / "best.safetensors")
     st.checkpoint = str(cp)
     truncate_metrics(run.run_dir, st.step)
@@ -259,7 +272,8 @@ def _state_dict(run: _Run, st: RunState) -> dict:
             "best_valid_loss": (st.best_valid if math.isfinite(st.best_valid) else None),
             "evals_without_improvement": st.bad_evals,
             "last_train_loss": st.last_train, "last_valid_loss": st.last_valid,
-            "start_loss": st.watch.start, "loss_ema": st.watch.ema, "saved": now_iso()}
+            "start_loss": st.watch.start, "loss_ema": st.watch.ema, "general_start": st.general_start,
+            "best_step": st.best_step, "saved": now_iso()}
 
 
 def _checkpoint(run: _Run, st: RunState) -> str:
@@ -275,24 +289,82 @@ def _checkpoint(run: _Run, st: RunState) -> str:
     return st.checkpoint
 
 
-def _evaluate(run: _Run, st: RunState) -> None:
-    """Validation loss and accuracy (when there is validation data); tracks the best."""
-    if not run.valid_examples:
+def _general_loss(run: _Run) -> float | None:
+    if not run.general_examples:
+        return None
+    gl, _ = evaluate(run.model, run.general_examples, run.hyper.batch_size, run.pad_id, run.batcher)
+    return gl if math.isfinite(gl) else None
+
+
+def _quiz(run: _Run) -> tuple[int, int] | None:
+    if not run.quiz_items or run.tokenizer is None:
+        return None
+    from .chat import ChatModel
+    from .quiz import run_quiz, score
+
+    sc = score(run_quiz(ChatModel(run.model, run.tokenizer, run.run_dir), run.quiz_items))
+    return sc.correct, sc.total
+
+
+def _evaluate(run: _Run, st: RunState, before_training: bool = False) -> None:
+    """Validation loss and accuracy, the general-ability loss (forgetting meter) and the quiz
+    score, whichever the run has; tracks the best validation loss and raises alarms."""
+    vl = va = None
+    if run.valid_examples:
+        vl, va = evaluate(run.model, run.valid_examples, run.hyper.batch_size, run.pad_id, run.batcher)
+        if not math.isfinite(vl):
+            raise TrainingDiverged("the validation loss became NaN or infinite")
+    gl = _general_loss(run)
+    qz = _quiz(run)
+    if vl is None and gl is None and qz is None:
         return
-    vl, va = evaluate(run.model, run.valid_examples, run.hyper.batch_size, run.pad_id, run.batcher)
-    if not math.isfinite(vl):
-        raise TrainingDiverged("the validation loss became NaN or infinite")
-    st.last_valid = vl
+    if before_training:
+        st.general_start = gl
     ep = st.step / run.steps_per_epoch
-    run.metrics.write({"step": st.step, "epoch": ep, "valid_loss": vl, "valid_token_accuracy": va,
-                       "elapsed_s": run.elapsed(st)})
-    run.emit(EvalMetrics(step=st.step, epoch=ep, valid_loss=vl, valid_token_accuracy=va))
-    if vl < st.best_valid - 1e-6:
-        st.best_valid, st.bad_evals = vl, 0
-        if run.config.restore_best:
+    line = {"step": st.step, "epoch": ep, "elapsed_s": run.elapsed(st)}
+    if vl is not None:
+        line.update(valid_loss=vl, valid_token_accuracy=va)
+    if gl is not None:
+        line["general_loss"] = gl
+    if qz is not None:
+        line.update(quiz_score=qz[0], quiz_total=qz[1])
+    run.metrics.write(line)
+    run.emit(EvalMetrics(step=st.step, epoch=ep, valid_loss=vl, valid_token_accuracy=va, general_loss=gl,
+                         quiz_score=qz[0] if qz else None, quiz_total=qz[1] if qz else None))
+    if vl is not None and not before_training:
+        st.last_valid = vl
+        if vl < st.best_valid - 1e-6:
+            st.best_valid, st.bad_evals, st.best_step = vl, 0, st.step
             st.best_params = {k: v.copy() for k, v in run.params.items()}
-    else:
-        st.bad_evals += 1
+        else:
+            st.bad_evals += 1
+        st.valid_history.append((st.step, vl, st.watch.ema))
+    _check_alarms(run, st, gl)
+
+
+def _check_alarms(run: _Run, st: RunState, general_loss: float | None) -> None:
+    """Overfitting: validation loss up OVERFIT_EVALS evaluations in a row while training loss
+    falls. Forgetting: the general-dialog loss FORGETTING_RISE above where it started."""
+    h = st.valid_history[-(OVERFIT_EVALS + 1):]
+    if ("overfit" not in st.alarms and len(h) == OVERFIT_EVALS + 1
+            and all(b[1] > a[1] for a, b in zip(h, h[1:]))
+            and all(b[2] is not None and a[2] is not None and b[2] < a[2] for a, b in zip(h, h[1:]))):
+        st.alarms.add("overfit")
+        msg = (f"The model is memorising the training examples instead of learning what they have in common: "
+               f"for {OVERFIT_EVALS} evaluations in a row the validation loss went up ({h[0][1]:.3f} -> "
+               f"{h[-1][1]:.3f}) while the training loss kept going down. Training longer makes it worse. The best "
+               f"validation loss was at step {st.best_step}; stopping now and keeping that checkpoint gives the "
+               "better model.")
+        run.emit(RunAlarm("overfit", msg, st.step, st.best_step))
+    if ("forgetting" not in st.alarms and general_loss is not None and st.general_start is not None
+            and general_loss - st.general_start > FORGETTING_RISE):
+        st.alarms.add("forgetting")
+        msg = (f"The model is forgetting what it knew: its loss on ordinary conversations rose from "
+               f"{st.general_start:.3f} to {general_loss:.3f} since training began. It is being bent too far "
+               "towards the training data (too many epochs or too high a learning rate)."
+               + (f" The best validation loss was at step {st.best_step}; stopping now and keeping that "
+                  "checkpoint limits the damage." if st.best_step is not None else ""))
+        run.emit(RunAlarm("forgetting", msg, st.step, st.best_step))
 
 
 @dataclass
@@ -306,6 +378,7 @@ def _step(run: _Run, st: RunState, b, timer: _StepTimer) -> None:
     model, cfg, opts, emit = run.model, run.config, run.options, run.emit
     step = st.step
     lr = lr_for_step(step, st.segments, cfg.schedule)
+    detail = run.control.detail_wanted()
     rng = np.random.default_rng([cfg.seed, step]) if cfg.lora_dropout > 0 else None
     if opts.phase_events:
         emit(PhaseEvent(step + 1, "forward"))
@@ -314,6 +387,11 @@ def _step(run: _Run, st: RunState, b, timer: _StepTimer) -> None:
     if opts.phase_events:
         emit(PhaseEvent(step + 1, "loss"))
     t1 = time.perf_counter()
+    if detail:
+        from .inspect import per_token_losses
+
+        row_losses = per_token_losses(logits[0], np.asarray(b.labels)[0])
+        act_rms = model.residual_rms(cache, b.attention_mask)
     loss, lc = model.loss_forward(logits, b.labels, overwrite_logits=True)
     del logits
     if not math.isfinite(loss):
@@ -331,6 +409,7 @@ def _step(run: _Run, st: RunState, b, timer: _StepTimer) -> None:
     t3 = time.perf_counter()
     want_snap = (time.perf_counter() - timer.last_snapshot) >= cfg.snapshot_interval_s
     layer_gn = run.snap.grad_norms(grads) if want_snap else None  # before clipping: what backprop produced
+    tensor_gn = run.snap.tensor_grad_norms(grads) if detail else None
     gnorm = clip_grads(grads, cfg.grad_clip)
     if not math.isfinite(gnorm):
         raise TrainingDiverged("the gradients became NaN or infinite")
@@ -338,7 +417,7 @@ def _step(run: _Run, st: RunState, b, timer: _StepTimer) -> None:
         # every gradient exactly zero while the loss is not: activations overflowed and the
         # network went dead (it predicts a flat distribution and can no longer learn)
         raise TrainingDiverged("the activations overflowed and the gradients became exactly zero")
-    before = run.snap.before_update() if want_snap else None
+    before = run.snap.before_update() if (want_snap or detail) else None
     rel = adamw_step(run.params, grads, run.opt, lr, run.acfg)
     model.weights_changed()
     t4 = time.perf_counter()
@@ -362,6 +441,11 @@ def _step(run: _Run, st: RunState, b, timer: _StepTimer) -> None:
                        "backward_ms": phases.backward_ms, "update_ms": phases.update_ms,
                        "tokens": ntok, "trained_tokens": int(n_counted)})
     emit(sm)
+    if detail:
+        emit(StepDetail(step=st.step, learning_rate=lr, input_ids=np.array(b.input_ids), labels=np.array(b.labels),
+                        attention_mask=np.array(b.attention_mask), example_lines=tuple(int(x) for x in b.lines),
+                        activation_rms=tuple(act_rms), token_losses=row_losses, loss=float(loss),
+                        grad_norms=tensor_gn, update_ratios=run.snap.update_ratios(before, rel)))
     if want_snap:
         t5 = time.perf_counter()
         emit(run.snap.build(st.step, before, layer_gn, run.control.focus_matrix, rel))
@@ -402,6 +486,7 @@ def _train_epochs(run: _Run, st: RunState) -> bool:
                 return True
             _step(run, st, batches[i], timer)
             _after_step(run, st)
+            run.control.after_step()
             if st.early_stopped:
                 break
     return False
@@ -410,6 +495,17 @@ def _train_epochs(run: _Run, st: RunState) -> bool:
 def _finish(run: _Run, st: RunState, stopped: bool) -> TrainResult:
     """Write the final checkpoint, model/ and adapter/, the run's status; send the end event."""
     rd = str(run.run_dir)
+    if stopped and run.control.keep_best and st.best_params is not None:
+        cp = _checkpoint(run, st)  # the state it stopped in, so the run can still continue from there
+        _restore_best(run, st)
+        model_dir = save_run_model(run.model, run.run_dir, run.base_dir, run.default_system)
+        el = run.elapsed(st)
+        update_run_json(run.run_dir, status="stopped", step=st.step, stopped=now_iso(), elapsed_s=el,
+                        final={"train_loss": st.last_train, "valid_loss": st.best_valid, "steps": st.step,
+                               "elapsed_s": el, "restored_best": True, "best_step": st.best_step})
+        run.metrics.close()
+        run.emit(RunStopped(run_dir=rd, step=st.step, checkpoint=cp))
+        return TrainResult("stopped", rd, st.step, st.last_train, st.best_valid, el, model_dir, cp)
     if stopped:
         cp = _checkpoint(run, st)
         model_dir = save_run_model(run.model, run.run_dir, run.base_dir, run.default_system) \
@@ -425,9 +521,7 @@ def _finish(run: _Run, st: RunState, stopped: bool) -> TrainResult:
         _checkpoint(run, st)  # the final state, so more epochs can be added later
     restored = bool(run.config.restore_best and st.best_params is not None)
     if restored:
-        for k, v in run.params.items():
-            v[...] = st.best_params[k]
-        run.model.weights_changed()
+        _restore_best(run, st)
     model_dir = save_run_model(run.model, run.run_dir, run.base_dir, run.default_system)
     el = run.elapsed(st)
     final = {"train_loss": st.last_train, "valid_loss": st.last_valid, "steps": st.step, "elapsed_s": el,
@@ -439,6 +533,12 @@ def _finish(run: _Run, st: RunState, stopped: bool) -> TrainResult:
     run.emit(RunFinished(run_dir=rd, model_dir=model_dir, final_train_loss=st.last_train,
                          final_valid_loss=st.last_valid, steps=st.step, elapsed_s=el))
     return TrainResult("finished", rd, st.step, st.last_train, st.last_valid, el, model_dir, st.checkpoint)
+
+
+def _restore_best(run: _Run, st: RunState) -> None:
+    for k, v in run.params.items():
+        v[...] = st.best_params[k]
+    run.model.weights_changed()
 
 
 def _fail(run: _Run, st: RunState, reason: str, kind: str = "error", lr: float | None = None) -> TrainResult:
@@ -477,7 +577,7 @@ def _memory_problem(run: _Run) -> str | None:
 def train(model, train_examples, valid_examples, config: TrainConfig, hyper: Hyperparameters, run_dir,
           on_event: Callable | None = None, control: TrainControl | None = None, resume: bool = False,
           options: LoopOptions = LoopOptions(), base_dir=None, segments: list[dict] | None = None,
-          pad_id: int = 0, batcher=None) -> TrainResult:
+          pad_id: int = 0, batcher=None, general_examples=(), quiz_items=(), tokenizer=None) -> TrainResult:
     """Train `model` (LoRA already attached for method "lora") in place on encoded examples.
 
     run_dir must exist with a run.json (see runs.py / session.py). With resume=True the newest
@@ -490,7 +590,8 @@ def train(model, train_examples, valid_examples, config: TrainConfig, hyper: Hyp
     run = _Run(model=model, train_examples=train_examples, valid_examples=valid_examples, config=config, hyper=hyper,
                run_dir=Path(run_dir), emit=on_event or (lambda e: None), control=control or TrainControl(),
                options=options, base_dir=Path(base_dir) if base_dir is not None else None, pad_id=pad_id,
-               batcher=batcher or _default_batcher())
+               batcher=batcher or _default_batcher(), general_examples=general_examples, quiz_items=quiz_items,
+               tokenizer=tokenizer)
     run.params = model.trainable_params()
     run.opt = adamw_init(run.params)
     run.acfg = AdamWConfig(weight_decay=config.weight_decay)
@@ -523,6 +624,8 @@ def train(model, train_examples, valid_examples, config: TrainConfig, hyper: Hyp
                             num_valid_examples=len(valid_examples),
                             trainable_params=int(sum(v.size for v in run.params.values())),
                             total_params=model.num_parameters(), resumed_from_step=resumed_from))
+            if st.step == 0:
+                _evaluate(run, st, before_training=True)  # where validation, general loss and quiz start
             stopped = _train_epochs(run, st)
             return _finish(run, st, stopped)
         except TrainingDiverged as e:

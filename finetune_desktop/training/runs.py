@@ -399,7 +399,7 @@ def list_runs(home=None) -> list[RunInfo]:
 @dataclass(frozen=True)
 class RunMetrics:
     train: list[dict]   # one dict per step line
-    eval: list[dict]    # one dict per eval line (has "valid_loss")
+    eval: list[dict]    # one dict per evaluation line (valid_loss, general_loss, quiz_score: whichever the run had)
 
 
 def load_run_metrics(run_dir) -> RunMetrics:
@@ -419,7 +419,7 @@ def load_run_metrics(run_dir) -> RunMetrics:
                 continue
             if not isinstance(d, dict):
                 continue
-            (ev if "valid_loss" in d else train).append(d)
+            (train if "train_loss" in d else ev).append(d)  # evaluation lines: validation, general loss, quiz
     return RunMetrics(train, ev)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..engine import LoraConfig, Model
@@ -44,6 +44,9 @@ class NothingToTrain(TrainingSetupError):
     """No example has assistant tokens left after truncation."""
 
 
+GENERAL_EVAL_FILE = "general_eval.jsonl"   # in a model folder: general dialogs for the forgetting meter
+
+
 @dataclass
 class PreparedData:
     train: list            # EncodedExample
@@ -53,6 +56,8 @@ class PreparedData:
     report: object         # ValidationReport of the training file
     valid_report: object | None
     system_prompt: str | None
+    general: list = field(default_factory=list)    # encoded general dialogs (forgetting meter)
+    quiz: list = field(default_factory=list)       # training.quiz items scored at each evaluation
 
 
 # ----------------------------------------------------------------------------- model + data
@@ -104,7 +109,7 @@ def _data_api():
 
 
 def prepare_data(data_path, tokenizer, config: TrainConfig, validation_path=None,
-                 tokens_per_second: float = 1000.0) -> PreparedData:
+                 tokens_per_second: float = 1000.0, base_dir=None) -> PreparedData:
     """Validate the file(s) (raises data.DataError on errors), encode, split."""
     validate_file, encode_conversations, split_train_valid, DataError = _data_api()
     data_path = _check_file(data_path, "training file")
@@ -131,7 +136,37 @@ def prepare_data(data_path, tokenizer, config: TrainConfig, validation_path=None
     if not train_ex:
         raise NothingToTrain(f"{data_path}: no example has assistant tokens left to train on "
                              f"(are the replies cut off at the maximum length of {config.max_seq_len} tokens?)")
-    return PreparedData(train_ex, valid_ex, convs, vconvs, report, vreport, _most_common_system_prompt(convs))
+    return PreparedData(train_ex, valid_ex, convs, vconvs, report, vreport, _most_common_system_prompt(convs),
+                        general=_general_examples(config, tokenizer, base_dir),
+                        quiz=_quiz_items(config))
+
+
+def _general_examples(config: TrainConfig, tokenizer, base_dir) -> list:
+    """The forgetting meter's dialogs: the file the settings name, or with "auto" the base model's
+    own general_eval.jsonl when it ships one (else none: the meter is then absent, not faked)."""
+    spec = config.general_file
+    if spec == "auto":
+        path = Path(base_dir) / GENERAL_EVAL_FILE if base_dir is not None else None
+        if path is None or not path.is_file():
+            return []
+    elif not spec:
+        return []
+    else:
+        path = _check_file(spec, "general dialogs file")
+    validate_file, encode_conversations, _, DataError = _data_api()
+    rep = validate_file(path, tokenizer, config.max_seq_len)
+    if not rep.ok:
+        raise DataError(rep)
+    return [e for e in rep.examples if e.num_trained_tokens > 0]
+
+
+def _quiz_items(config: TrainConfig) -> list:
+    if not config.quiz_file:
+        return []
+    from .quiz import load_questions
+
+    return load_questions(_check_file(config.quiz_file, "quiz file"))
+
 
 
 def attach_method(model: Model, config: TrainConfig) -> None:
@@ -204,7 +239,7 @@ def start_training(data_path, run_dir=None, config: TrainConfig = TrainConfig(),
         model, tok, base_dir = load_base_model(base)
         config = fit_config_to_model(config, model)
         data = prepare_data(data_path, tok, config, validation_path,
-                            estimate_tokens_per_second(model, config.method))
+                            estimate_tokens_per_second(model, config.method), base_dir=base_dir)
     else:
         model, tok, base_dir, data = prepared
         config = fit_config_to_model(config, model)
@@ -251,7 +286,8 @@ def _start_locked(model, tok, base_dir, data, data_path, run_dir, config, base, 
     }
     write_run_json(run_dir, info)
     return train(model, data.train, data.valid, config, hyper, run_dir, on_event=on_event, control=control,
-                 options=options, base_dir=base_dir, pad_id=pad)
+                 options=options, base_dir=base_dir, pad_id=pad, general_examples=data.general,
+                 quiz_items=data.quiz, tokenizer=tok)
 
 
 def resume_training(run_dir, extra_epochs: int = 0, on_event=None, control: TrainControl | None = None,
@@ -357,7 +393,8 @@ def _resume_locked(run_dir: Path, extra_epochs: int, emit, control, options, tot
             raise TrainingSetupError(f"the data file {p} changed since this run started; resuming needs the same "
                                      "data (start a new run to train on the new file)")
     data = prepare_data(data_info["path"], tok, config, data_info.get("validation_path"),
-                        estimate_tokens_per_second(model, config.method))
+                        estimate_tokens_per_second(model, config.method), base_dir=base_dir)
     attach_method(model, config)
     return train(model, data.train, data.valid, config, hyper, run_dir, on_event=emit, control=control,
-                 resume=cp is not None, options=options, base_dir=base_dir, segments=segs, pad_id=tok.pad_token_id)
+                 resume=cp is not None, options=options, base_dir=base_dir, segments=segs, pad_id=tok.pad_token_id,
+                 general_examples=data.general, quiz_items=data.quiz, tokenizer=tok)

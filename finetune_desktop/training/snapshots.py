@@ -156,6 +156,28 @@ class SnapshotMaker:
                 sq[l] += float(np.vdot(g, g))
         return {f"layer {l}": float(np.sqrt(s)) for l, s in enumerate(sq)}
 
+    def tensor_grad_norms(self, grads: dict) -> dict[str, float]:
+        """L2 norm of each tensor's gradient; with LoRA, A and B of one matrix together, under the
+        matrix's name."""
+        sq: dict[str, float] = {}
+        for k, g in grads.items():
+            name = k.replace(".lora_A.weight", ".weight").replace(".lora_B.weight", ".weight")
+            sq[name] = sq.get(name, 0.0) + float(np.vdot(g, g))
+        return {k: float(np.sqrt(v)) for k, v in sq.items()}
+
+    def update_ratios(self, before: dict | None, optimizer_rel: dict[str, float]) -> dict[str, float]:
+        """||change|| / ||weight|| of this step's update per tensor: the optimizer's own numbers
+        for full fine-tuning; for LoRA, the change of the effective weight W0 + s B A relative to
+        W0, per adapted matrix."""
+        if not self.use_lora:
+            return dict(optimizer_rel)
+        out = {}
+        for n in self.names:
+            if before is not None and lora_names(n)[0] in before:
+                w0 = float(np.sqrt(np.vdot(self.W0[n], self.W0[n])))
+                out[n] = float(np.sqrt(max(self._step_change_sq(n, before), 0.0))) / w0 if w0 > 0 else 0.0
+        return out
+
     def focus_values(self, name: str) -> np.ndarray:
         """Full-size current values of one matrix."""
         if self.use_lora:
