@@ -75,7 +75,7 @@ def test_loads_in_transformers_with_the_same_logits(base):
 
 
 def test_meets_the_issue_targets_on_held_out_dialogs_and_everyday_questions(base):
-    """The shipped model's acceptance numbers (issue 5), recomputed from the files: held-out bits per
+    """The shipped model's acceptance numbers, recomputed from the files: held-out bits per
     byte <= 2.0 over the 200 held-out dialogs, >= 95 % of greedy replies to the 40 everyday
     questions end within 128 tokens, distinct-2 of those replies >= 0.5."""
     import sys

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from finetune_desktop.data import Conversation, Message, encode_conversation, encode_conversations, validate_file
-from finetune_desktop.data import encode as E
+from finetune_desktop.data import stream as E
 from finetune_desktop.data import pieces as P
 from finetune_desktop.engine import Tokenizer
 from finetune_desktop.training.loading import base_model_dir

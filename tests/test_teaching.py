@@ -111,7 +111,7 @@ def test_step_detail_phases_are_the_engines_numbers(folder, tmp_path):
 
 
 def test_token_losses_average_to_the_engines_loss(folder):
-    from finetune_desktop.data.encode import encode_conversations
+    from finetune_desktop.data import encode_conversations
     from finetune_desktop.engine import Model, Tokenizer
     from finetune_desktop.training.inspect import token_losses
 
@@ -141,7 +141,7 @@ def test_overfit_alarm_and_keeping_the_best_checkpoint(folder, tmp_path):
         if isinstance(e, RunAlarm):
             control.stop_keeping_best()
 
-    from finetune_desktop.data.encode import encode_conversations
+    from finetune_desktop.data import encode_conversations
     from finetune_desktop.data.types import Conversation, Message
 
     model, tok, tr, _, hyper = setup(folder, cfg, n_train=8, n_valid=8)
@@ -166,7 +166,7 @@ def test_overfit_alarm_and_keeping_the_best_checkpoint(folder, tmp_path):
 
 
 def test_forgetting_meter_and_alarm(folder, tmp_path):
-    from finetune_desktop.data.encode import encode_conversations
+    from finetune_desktop.data import encode_conversations
     from finetune_desktop.data.types import Conversation, Message
 
     general = [Conversation((Message("user", f"Tell me about day {i}."),

@@ -53,7 +53,7 @@ def tiny_model_folder(path) -> Path:
 def setup(folder, config, n_train: int = 12, n_valid: int = 4):
     """-> (model with the method attached, tokenizer, train examples, valid examples, hyperparameters)."""
     from finetune_desktop.data.batching import make_batches
-    from finetune_desktop.data.encode import encode_conversations
+    from finetune_desktop.data import encode_conversations
     from finetune_desktop.engine import Model, Tokenizer
     from finetune_desktop.training.auto import resolve
     from finetune_desktop.training.session import attach_method

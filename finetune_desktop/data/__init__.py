@@ -8,7 +8,8 @@
     batches = make_batches(examples, batch_size, seed, epoch, pad_id=0)
 """
 from .batching import batch_order, make_batches, padded_tokens, split_train_valid
-from .encode import encode_conversation, encode_conversations, template_messages
+from .encode import encode_conversation, template_messages
+from .stream import encode_conversations
 from .report import DataError, ValidationReport
 from .types import IGNORE_INDEX, ROLES, Batch, Conversation, EncodedExample, Issue, Message
 from .validate import read_conversations, validate_file

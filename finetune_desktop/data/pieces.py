@@ -1,5 +1,5 @@
 """Tokenizing many renderings fast, with the same tokens and positions as tokenizing each one
-whole with character offsets (the plain way). Used by encode.StreamEncoder, which checks every
+whole with character offsets (the plain way). Used by stream.StreamEncoder, which checks every
 shortcut here against the plain way on samples as it goes.
 
   Layout       a role pattern's rendering as pieces cut at the template's own special tokens; a

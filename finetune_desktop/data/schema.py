@@ -1,7 +1,7 @@
 """The example schema: one parsed record (a JSON object or a CSV row) -> a Conversation, plus the
 problems found in it, each with the path of the offending field.
 
-Rules (DESIGN.md section 3):
+Rules (the formats listed in docs/ARCHITECTURE.md):
   chat               {"messages": [{"role", "content", "weight"?: 0|1, "name"?: str}, ...]}
   prompt/completion  {"prompt": str, "completion": str, "system"?: str}
   CSV row            prompt column + response column (+ optional system column)

@@ -22,7 +22,8 @@ from typing import Optional
 import numpy as np
 
 from .batching import padded_tokens
-from .encode import StreamEncoder, template_messages
+from .encode import template_messages
+from .stream import StreamEncoder
 from .readers import (PROMPT_COLUMNS, RESPONSE_COLUMNS, Record, detect_format, iter_csv, iter_json_values,
                       iter_jsonl, locate_line)
 from .report import DataError, IssueCollector, ValidationReport
