@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelFormatError
+from .errors import ModelFormatError
 
 _DTYPES = {
     "F32": (np.float32, 4), "F16": (np.float16, 2), "BF16": (None, 2), "F64": (np.float64, 8),

@@ -15,11 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
+from .errors import ModelFormatError
 
-
-class ModelFormatError(UserError, ValueError):
-    """A model folder or config that we cannot load (the message names file and problem)."""
+__all__ = ["ModelConfig", "ModelFormatError"]
 
 
 SUPPORTED_ARCHITECTURES = {

@@ -12,3 +12,7 @@ from __future__ import annotations
 
 class UserError(Exception):
     """A problem in the user's files, settings or machine, explained in words."""
+
+
+class ModelFormatError(UserError, ValueError):
+    """A model folder or config that we cannot load (the message names file and problem)."""
