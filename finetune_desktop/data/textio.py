@@ -7,6 +7,7 @@ UTF-32 need a BOM; they are decoded by an incremental text reader."""
 from __future__ import annotations
 
 import io
+import json
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
@@ -203,3 +204,20 @@ def _iter_wide(path, sniff: Sniff, max_line_bytes: int) -> Iterator[LineItem]:
             yield (line_no, text, None)
     finally:
         f.close()
+
+
+def json_objects(path) -> Iterator[tuple[str, dict]]:
+    """(line text, object) for every line of a JSONL file that holds a JSON object; blank lines,
+    cut-off lines (a process killed mid-write) and anything else are skipped. For the app's own
+    files (metrics, chat logs), which are never huge; training files go through iter_lines."""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        for line in f:
+            s = line.strip()
+            if not s:
+                continue
+            try:
+                d = json.loads(s)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(d, dict):
+                yield s, d

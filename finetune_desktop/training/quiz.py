@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from ..data.textio import json_objects
 from ..engine.errors import UserError
 from .chat import ChatModel, GenerationSettings, reply_text
 
@@ -106,16 +107,8 @@ def judge(item: QuizItem, reply: str) -> bool:
 def looks_like_quiz_file(path) -> bool:
     """A JSONL file whose first record has a "question" key (else it is read as training data)."""
     try:
-        with open(path, encoding="utf-8-sig", errors="replace") as f:
-            for line in f:
-                s = line.strip()
-                if not s:
-                    continue
-                try:
-                    d = json.loads(s)
-                except json.JSONDecodeError:
-                    return False
-                return isinstance(d, dict) and "question" in d
+        for _, d in json_objects(path):
+            return "question" in d
     except OSError:
         return False
     return False

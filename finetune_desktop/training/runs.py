@@ -25,6 +25,7 @@ import numpy as np
 
 from ..engine.checkpoint import (RUN_MODEL_SUBDIR, atomic_write_json, make_temp_dir_beside, read_safetensors,
                                  replace_dir_atomically, write_safetensors)
+from ..data.textio import json_objects
 from ..engine.errors import UserError
 
 RUN_FORMAT = 1
@@ -408,18 +409,8 @@ def load_run_metrics(run_dir) -> RunMetrics:
     train, ev = [], []
     if not p.exists():
         return RunMetrics(train, ev)
-    with open(p, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(d, dict):
-                continue
-            (train if "train_loss" in d else ev).append(d)  # evaluation lines: validation, general loss, quiz
+    for _, d in json_objects(p):
+        (train if "train_loss" in d else ev).append(d)  # evaluation lines: validation, general loss, quiz
     return RunMetrics(train, ev)
 
 
@@ -428,18 +419,7 @@ def truncate_metrics(run_dir, last_step: int) -> None:
     p = Path(run_dir) / "metrics.jsonl"
     if not p.exists():
         return
-    keep = []
-    with open(p, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            s = line.strip()
-            if not s:
-                continue
-            try:
-                d = json.loads(s)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(d, dict) and int(d.get("step", 0)) <= last_step:
-                keep.append(s)
+    keep = [line for line, d in json_objects(p) if int(d.get("step", 0)) <= last_step]
     from ..engine.checkpoint import atomic_write_text
 
     atomic_write_text(p, "".join(k + "\n" for k in keep))
