@@ -444,35 +444,25 @@ _S = "\ue000{}\ue001"  # sentinel contents (private-use characters)
 
 def _role_blocks(render, roles=("system", "user", "assistant")):
     """Learn ({role: (prefix, suffix)}, generation prompt) of a template that writes each message
-    as prefix + content + suffix; None when the template is not of that shape (go_template then
-    verifies the blocks on whole conversations)."""
+    as prefix + content + suffix, from renderings of growing conversations (each must extend the
+    one before); None when the template is not of that shape. go_template then verifies the
+    blocks on whole conversations."""
     msgs = [{"role": r, "content": _S.format(i)} for i, r in enumerate(roles)]
-    full = render(msgs, True)
-    if full is None:
-        return None
-    cuts, p = [], 0
-    for i in range(len(msgs)):
-        s = _S.format(i)
-        j = full.find(s, p)
-        if j < 0 or full.count(s) != 1:
-            return None
-        cuts.append((j, j + len(s)))
-        p = j + len(s)
-    plain = render(msgs, False)
-    if plain is None or not full.startswith(plain):
-        return None
-    gen = full[len(plain):]
-    blocks = {}
+    blocks, prev = {}, ""
     for i, r in enumerate(roles):
-        one = render([msgs[i]], False)
-        if one is None:
+        cur = render(msgs[: i + 1], False)
+        if cur is None or not cur.startswith(prev):
             return None
-        s = _S.format(i)
-        k = one.find(s)
-        if k < 0:
+        piece, s = cur[len(prev):], _S.format(i)
+        if piece.count(s) != 1:
             return None
-        blocks[r] = (one[:k], one[k + len(s):])
-    return blocks, gen
+        k = piece.find(s)
+        blocks[r] = (piece[:k], piece[k + len(s):])
+        prev = cur
+    full = render(msgs, True)
+    if full is None or not full.startswith(prev):
+        return None
+    return blocks, full[len(prev):]
 
 
 def go_template(render, default_system: str | None = None):
