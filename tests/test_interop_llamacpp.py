@@ -28,7 +28,9 @@ NEW_TOKENS = 32
 
 
 def load(path):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, n_batch=512, verbose=False, seed=0)
+    # logits_all: every position's logits land in llm.scores (rows by position)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, n_batch=512, verbose=False, seed=0,
+                           logits_all=True)
 
 
 def llama_argmax_after(llm, ids) -> int:
@@ -107,16 +109,22 @@ def test_llamacpp_matches_our_engine(which, gguf_type, tiny, tmp_path):
 def test_llamacpp_chat_completion_stops_at_end_of_turn(tmp_path):
     model, tok, _, _ = open_model("base")
     path = export_gguf("base", tmp_path / "base.gguf", "f32").path
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, verbose=False, seed=0)
+    llm = load(path)
     meta = llm.metadata
     assert meta.get("tokenizer.chat_template") == tok.chat_template
     stop = set(tok.end_of_turn_ids)
-    for conv in CONVERSATIONS[:3]:
-        r = llm.create_chat_completion(messages=conv, temperature=0.0, top_k=1, repeat_penalty=1.0, max_tokens=96)
-        choice = r["choices"][0]
+    stopped = 0
+    for conv in CONVERSATIONS:
         ours_ids = tok.encode(tok.apply_chat_template(conv, add_generation_prompt=True))
-        ours = list(model.generate(ours_ids, max_new_tokens=96, temperature=0.0, stop_ids=tuple(stop)))
-        assert len(ours) < 96, "our engine did not end its turn either"
+        ours = list(model.generate(ours_ids, max_new_tokens=200, temperature=0.0, stop_ids=tuple(stop)))
+        if len(ours) == 200:
+            continue  # our engine did not end this turn either
+        r = llm.create_chat_completion(messages=conv, temperature=0.0, top_k=1, repeat_penalty=1.0, max_tokens=240)
+        choice = r["choices"][0]
+        text = tok.decode(ours, skip_special_tokens=True)
+        print(f"\nllama.cpp: {choice['message']['content']!r}\nours:      {text!r}")
         assert choice["finish_reason"] == "stop", choice
         assert "<|im_end|>" not in choice["message"]["content"]
-        print(f"\nllama.cpp: {choice['message']['content']!r}\nours:      {tok.decode(ours, skip_special_tokens=True)!r}")
+        assert choice["message"]["content"] == text
+        stopped += 1
+    assert stopped >= 3
