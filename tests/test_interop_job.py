@@ -374,3 +374,41 @@ def test_small_job_runs_on_the_cpu_and_imports(tiny, tmp_path):
     assert vl == pytest.approx(met.eval[-1]["valid_loss"], abs=1e-3)
     p = cli("chat", tmp_path / "run", "--prompt", "Hello!", "--temperature", "0", "--max-new-tokens", "4")
     assert p.returncode == 0, p.stderr
+
+
+def test_job_records_the_hub_repo_id_of_a_cached_base(tiny, tmp_path, monkeypatch):
+    from test_interop_hf_cache import COMMIT, add_repo, folder_files
+
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    add_repo(cache, "testorg/tiny-chat", folder_files(tiny))
+    data = write_jsonl(tmp_path / "d.jsonl", conversations(4))
+    job = write_job(data, tmp_path / "job", TrainConfig(epochs=1), "testorg/tiny-chat")
+    b = json.loads((job.folder / "job.json").read_text())["base_model"]
+    assert b["repo_id"] == "testorg/tiny-chat" and b["copy"] is None
+    assert b["path"].endswith(f"models--testorg--tiny-chat/snapshots/{COMMIT}")
+    assert "Hub: testorg/tiny-chat" in (job.folder / "README.md").read_text()
+    # a snapshot path given directly is recognised too
+    job2 = write_job(data, tmp_path / "job2", TrainConfig(epochs=1), b["path"])
+    assert json.loads((job2.folder / "job.json").read_text())["base_model"]["repo_id"] == "testorg/tiny-chat"
+
+
+@needs_trl
+def test_full_fine_tune_job_runs_and_imports(tiny, tmp_path):
+    from finetune_desktop.training.runs import load_run
+
+    data = write_jsonl(tmp_path / "d.jsonl", conversations(8))
+    job = write_job(data, tmp_path / "job", TrainConfig(method="full", epochs=1, batch_size=4, learning_rate=1e-2),
+                    str(tiny))
+    p = _run_train_py(job.folder)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (job.folder / "output" / "model" / "config.json").exists()
+    res = import_job(job.folder, tmp_path / "run")
+    r = load_run(res.run_dir)
+    assert r.status == "finished" and r.method == "full" and r.has_model and r.steps == 2
+    assert not (tmp_path / "run" / "adapter").exists()
+    tuned = Model.from_pretrained(tmp_path / "run" / "model")
+    base = Model.from_pretrained(tiny)
+    assert not np.allclose(tuned.params["model.layers.0.mlp.up_proj.weight"], base.params["model.layers.0.mlp.up_proj.weight"])
+    p = cli("chat", tmp_path / "run", "--prompt", "Hello!", "--temperature", "0", "--max-new-tokens", "4")
+    assert p.returncode == 0, p.stderr

@@ -132,7 +132,9 @@ Run the commands from this folder.
 | DeepSpeed ZeRO-2 | `accelerate launch --config_file accelerate/deepspeed_zero2.yaml --num_processes N train.py` |
 | DeepSpeed ZeRO-3 | `accelerate launch --config_file accelerate/deepspeed_zero3.yaml --num_processes N train.py` |
 
-The batch of {h['batch_size']} examples is split over the processes (`--per-device-batch-size` overrides it).
+The configs use bf16 mixed precision (A100, H100, L4, RTX 30xx and newer); on older GPUs change
+`mixed_precision: bf16` to `fp16` in the config and add `--precision fp16`. The batch of
+{h['batch_size']} examples is split over the processes (`--per-device-batch-size` overrides it).
 `python train.py --help` lists the options (`--max-steps 2` for a quick test, `--gradient-checkpointing`,
 `--precision`).
 
