@@ -44,8 +44,10 @@ def split_tokenizer(folder, regex: str, ignore_merges: bool = False, normalizer=
 
 
 def model_folder_with(folder, tokenizer_fn, model_type: str = "llama", tie: bool = True, seed: int = 0,
-                      **cfg_kw) -> Path:
-    """A tiny random model of `model_type` over the tokenizer tokenizer_fn(folder) writes."""
+                      qk_scale: float = 20.0, **cfg_kw) -> Path:
+    """A tiny random model of `model_type` over the tokenizer tokenizer_fn(folder) writes. q/k
+    weights are scaled up (qk_scale) so attention is sharp and depends on RoPE: with the usual
+    0.02 init every score is near zero and a wrong rotation would not show in the logits."""
     from finetune_desktop.engine import Model, ModelConfig, Tokenizer
 
     folder = Path(folder)
@@ -65,7 +67,9 @@ def model_folder_with(folder, tokenizer_fn, model_type: str = "llama", tie: bool
 
     rng = np.random.default_rng(seed + 1)
     for k, v in m.params.items():
-        if v.ndim == 1:
+        if ".q_proj." in k or ".k_proj." in k:
+            m.params[k] = (v * qk_scale).astype(np.float32)
+        elif v.ndim == 1:
             m.params[k] = (v + rng.standard_normal(v.shape).astype(np.float32) * 0.1).astype(np.float32)
     tmp = folder.with_name(folder.name + ".weights")
     m.save_pretrained(tmp)
@@ -76,4 +80,12 @@ def model_folder_with(folder, tokenizer_fn, model_type: str = "llama", tie: bool
 
 
 def tiny_llama(folder, **kw) -> Path:
+    """The tests' usual tiny model (tests/tinymodel.py): Llama with biases, tied embeddings, GQA."""
     return make_tiny_model_folder(folder, **kw)
+
+
+def sharp_llama(folder, **kw) -> Path:
+    """The same shape with sharp attention and random norms/biases (see model_folder_with)."""
+    from tinymodel import make_tiny_tokenizer
+
+    return model_folder_with(folder, make_tiny_tokenizer, **kw)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_interop_helpers import tiny_llama
+from test_interop_helpers import sharp_llama
 
 from finetune_desktop.interop.gguf_export import export_gguf
 from finetune_desktop.training.loading import open_model
@@ -88,7 +88,7 @@ def parity(spec, tmp_path, gguf_type):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return tiny_llama(tmp_path_factory.mktemp("lc") / "tiny")
+    return sharp_llama(tmp_path_factory.mktemp("lc") / "tiny")
 
 
 @pytest.mark.parametrize("gguf_type", ["f32", "f16", "q8_0"])
@@ -128,3 +128,44 @@ def test_llamacpp_chat_completion_stops_at_end_of_turn(tmp_path):
         assert choice["message"]["content"] == text
         stopped += 1
     assert stopped >= 3
+
+
+def _variant(kind, folder):
+    from test_interop_helpers import model_folder_with, split_tokenizer
+    from tinymodel import make_tiny_tokenizer
+
+    from finetune_desktop.interop.gguf_export import LLAMA3_REGEX, QWEN2_REGEX
+
+    if kind == "qwen2":
+        return model_folder_with(folder, lambda f: split_tokenizer(f, QWEN2_REGEX), model_type="qwen2", tie=False)
+    if kind == "llama3":
+        return model_folder_with(folder, lambda f: split_tokenizer(f, LLAMA3_REGEX, ignore_merges=True),
+                                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    if kind == "linear_rope":
+        return model_folder_with(folder, make_tiny_tokenizer, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    if kind == "mistral":
+        return model_folder_with(folder, make_tiny_tokenizer, model_type="mistral", sliding_window=256, tie=False)
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama3", "linear_rope", "mistral"])
+def test_llamacpp_matches_our_engine_on_each_family(kind, tmp_path):
+    """Random tiny models of each family, norms and biases randomised too: every position's
+    logits of llama.cpp against ours on every prompt, and the prompt token ids."""
+    folder = _variant(kind, tmp_path / kind)
+    model, tok, _, _ = open_model(str(folder))
+    llm = load(export_gguf(str(folder), tmp_path / f"{kind}.gguf", "f32").path)
+    worst = 0.0
+    for conv in CONVERSATIONS:
+        text = tok.apply_chat_template(conv, add_generation_prompt=True)
+        ids = tok.encode(text)
+        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ids, kind
+        llm.reset()
+        llm.eval(ids)
+        theirs = np.asarray(llm.scores[: llm.n_tokens])
+        ours = model.logits(np.asarray([ids]))[0]
+        worst = max(worst, float(np.abs(theirs - ours).max()))
+        assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.95, kind
+    print(f"\n{kind}: max |logit difference| {worst:.2e}")
+    assert worst < 1e-3
