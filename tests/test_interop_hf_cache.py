@@ -163,3 +163,59 @@ def test_progress_class_reports_counts():
     bar.update(2)
     bar.close()
     assert seen == [("Fetching 3 files", 1, 3), ("Fetching 3 files", 3, 3)]
+
+
+def _closed_port() -> int:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_download_with_the_hub_unreachable_is_one_clear_line(monkeypatch, tmp_path):
+    """A real connection attempt to a closed port on this machine (what no network looks like)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(HubError) as e:
+        download_model("testorg/tiny-chat", endpoint=f"http://127.0.0.1:{_closed_port()}")
+    msg = str(e.value)
+    assert "\n" not in msg and "testorg/tiny-chat" in msg and "cannot be reached" in msg
+
+
+def test_download_of_an_unknown_repo_is_one_clear_line(monkeypatch, tmp_path):
+    """A local HTTP server answers like the Hub does for a repo that does not exist."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            body = b'{"error":"Repository not found"}'
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("X-Error-Message", "Repository not found")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *a):
+            pass
+
+    srv = HTTPServer(("127.0.0.1", 0), NotFound)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        with pytest.raises(HubError) as e:
+            download_model("testorg/does-not-exist", endpoint=f"http://127.0.0.1:{srv.server_address[1]}")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    msg = str(e.value)
+    assert "\n" not in msg and "testorg/does-not-exist" in msg and "no such model repo" in msg

@@ -160,10 +160,11 @@ def _progress_class(progress: Callable[[str, int, int | None], None]):
 
 
 def download_model(repo_id: str, progress: Callable[[str, int, int | None], None] | None = None,
-                   cache_dir=None, revision: str | None = None) -> Path:
+                   cache_dir=None, revision: str | None = None, endpoint: str | None = None) -> Path:
     """Download a model repo's safetensors, configs and tokenizer files into the local cache and
     return its snapshot folder. progress(description, done, total) is called as files and bytes
-    arrive. HubError (one line) when offline, unknown, gated or the download fails."""
+    arrive; endpoint: a Hub mirror (default: huggingface_hub's, or $HF_ENDPOINT). HubError (one
+    line) when offline, unknown, gated or the download fails."""
     if not looks_like_repo_id(repo_id):
         raise HubError(f"{repo_id!r} is not a Hugging Face repo id (expected org/name)")
     if _offline():
@@ -180,7 +181,7 @@ def download_model(repo_id: str, progress: Callable[[str, int, int | None], None
     try:
         path = snapshot_download(repo_id, repo_type="model", revision=revision,
                                  cache_dir=str(cache_dir or hub_cache_dir()),
-                                 allow_patterns=DOWNLOAD_PATTERNS, **kw)
+                                 allow_patterns=DOWNLOAD_PATTERNS, endpoint=endpoint, **kw)
     except hub_errors.GatedRepoError:
         raise HubError(f"{repo_id}: the repo is gated; accept its terms on the Hub and log in first") from None
     except hub_errors.RepositoryNotFoundError:
