@@ -101,10 +101,6 @@ def test_train_py_masks_the_tokens_our_encoder_trains(tiny, tmp_path, sample):
             assert labels == ours.labels.tolist(), conv.line
 
 
-def _our_train_config(**kw):
-    return TrainConfig(**kw)
-
-
 def test_job_folder_has_the_settings_and_split_our_trainer_uses(tiny, tmp_path):
     data = write_jsonl(tmp_path / "pirate.jsonl", conversations(16))
     p = cli("job", data, "--out", tmp_path / "job", "--base", tiny, "--val-split", "0.25", "--seed", "3",
@@ -276,12 +272,6 @@ def test_metrics_from_log_history_skips_summaries_and_non_numbers():
 
 
 # ----------------------------------------------------------------------------- with torch + TRL
-def _hf_tokenizer_equal_to_ours(folder, convs):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(folder))
-
-
 @needs_trl
 def test_transformers_tokenizer_masks_like_ours(tmp_path, tiny):
     job = write_job(write_jsonl(tmp_path / "d.jsonl", conversations(8)), tmp_path / "job", TrainConfig(), "base")
@@ -289,7 +279,9 @@ def test_transformers_tokenizer_masks_like_ours(tmp_path, tiny):
     from finetune_desktop.training.loading import open_tokenizer
 
     tok = open_tokenizer("base")
-    hf = _hf_tokenizer_equal_to_ours(job.folder / "base_model", None)
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(job.folder / "base_model"))
     convs = mixed_conversations() + read_conversations(ROOT / "sample_data" / "gyeongsang_ajumma.jsonl")[:20]
     for conv in convs:
         ours = encode_conversation(tok, conv, 512)
