@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import sys
 
-from . import chat, gui, quiz, train, validate
+from . import chat, export, gui, import_job, job, quiz, train, validate
 from .common import Parser
 from .errors import CliError, describe_os_error
 
-COMMANDS = [gui, validate, train, chat, quiz]
+COMMANDS = [gui, validate, train, chat, quiz, export, job, import_job]
 
 
 def build_parser() -> Parser:
