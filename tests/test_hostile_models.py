@@ -41,9 +41,14 @@ def copy_of(good, tmp_path, name="m") -> Path:
     return dst
 
 
-# the child writes its own peak resident memory (KB) to the file named by $PEAK_FILE as it exits
-WRAPPER = ("import atexit, os, resource, runpy; atexit.register(lambda: open(os.environ['PEAK_FILE'], 'w')"
-           ".write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))); "
+# The child writes its own peak resident memory (VmHWM, KB) to the file named by $PEAK_FILE as it
+# exits. Not ru_maxrss: Linux carries that across fork and exec, so a child of a big test process
+# would report the parent's size.
+WRAPPER = ("import atexit, os, runpy\n"
+           "def peak():\n"
+           "    kb = next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+           "    open(os.environ['PEAK_FILE'], 'w').write(kb)\n"
+           "atexit.register(peak)\n"
            "runpy.run_module('finetune_desktop', run_name='__main__')")
 
 

@@ -22,15 +22,17 @@ def test_a_library_linked_against_a_missing_one_is_reported(tmp_path):
         pytest.skip("gcc is needed to build the test libraries")
     (tmp_path / "dep.c").write_text("int dep(void) { return 1; }\n")
     (tmp_path / "main.c").write_text("int dep(void); int f(void) { return dep(); }\n")
-    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(tmp_path / "libxcb-keysyms.so.1"), str(tmp_path / "dep.c"),
-                    "-Wl,-soname,libxcb-keysyms.so.1"], check=True)
+    # a library name no system has, so the test does not depend on what this machine installed
+    name = "libfinetune-desktop-test-missing.so.1"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(tmp_path / name), str(tmp_path / "dep.c"),
+                    f"-Wl,-soname,{name}"], check=True)
     subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(tmp_path / "libplugin.so"), str(tmp_path / "main.c"),
-                    str(tmp_path / "libxcb-keysyms.so.1")], check=True)
-    (tmp_path / "libxcb-keysyms.so.1").unlink()
-    missing = missing_libraries([tmp_path / "libplugin.so"])
-    assert missing == ["libxcb-keysyms.so.1"]
-    hint = install_hint(missing)
-    assert "apt-get install libxcb-keysyms1" in hint and "dnf install xcb-util-keysyms" in hint
+                    str(tmp_path / name)], check=True)
+    (tmp_path / name).unlink()
+    assert missing_libraries([tmp_path / "libplugin.so"]) == [name]
+    hint = install_hint(["libxcb-keysyms.so.1", "libxcb-cursor.so.0"])
+    assert "apt-get install libxcb-cursor0 libxcb-keysyms1" in hint
+    assert "dnf install xcb-util-cursor xcb-util-keysyms" in hint
 
 
 def test_offscreen_needs_nothing_more(monkeypatch):

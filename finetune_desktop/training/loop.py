@@ -449,8 +449,10 @@ def _step(run: _Run, st: RunState, b, timer: _StepTimer) -> None:
     if want_snap:
         t5 = time.perf_counter()
         emit(run.snap.build(st.step, before, layer_gn, run.control.focus_matrix, rel))
-        # never spend more than ~1/6 of the time on snapshots (full fine-tuning of big matrices)
-        timer.last_snapshot = time.perf_counter() + 5 * (time.perf_counter() - t5)
+        # never spend more than ~1/6 of the time on snapshots (full fine-tuning of big matrices),
+        # unless every step was asked for (interval 0)
+        slow = 5 * (time.perf_counter() - t5) if cfg.snapshot_interval_s > 0 else 0.0
+        timer.last_snapshot = time.perf_counter() + slow
     if why:
         raise TrainingDiverged(why)
 
