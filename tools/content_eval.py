@@ -66,6 +66,36 @@ def evaluate_run(run: Path, data: Path, quiz: Path | None, base_bpb: float | Non
     return out
 
 
+def markdown(results: list[dict], n_examples: int = 3) -> str:
+    """A summary section for docs/outcomes/summary.md from content_eval JSON results."""
+    out = ["## Content: does the tuned model learn what the data says?", "",
+           "Default `finetune-desktop train FILE` (seeds as listed), then greedy questions as "
+           "`finetune-desktop chat RUN --system S --prompt Q --temperature 0` asks them "
+           "(tools/content_eval.py). A quiz answer is right when it contains one of the expected key strings; "
+           "a training answer is reproduced when the reply contains the whole trained answer.", "",
+           "| training file | seeds | unseen rewordings right | training answers reproduced (first wording of each fact) "
+           "| all training questions | wall time of `train` | held-out bpb rise |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        m, runs = r["mean"], r["runs"]
+        seeds = ", ".join(str(x["seed"]) for x in runs)
+        q = " / ".join(f"{x['quiz_score']}" for x in runs) + f" of {runs[0]['quiz_total']}" if r.get("quiz") else "-"
+        f = " / ".join(f"{x['own_facts']}" for x in runs) + f" of {runs[0]['own_facts_total']}"
+        a = " / ".join(f"{x['own_score']}" for x in runs) + f" of {runs[0]['own_total']}"
+        t = " / ".join(f"{x['train_wall_s']:.0f} s" for x in runs)
+        b = " / ".join(f"{x['bpb_rise']:+.3f}" for x in runs if x.get("bpb_rise") is not None) or "-"
+        out.append(f"| `{Path(r['data']).name}` | {seeds} | {q} | {f} | {a} | {t} | {b} |")
+    for r in results:
+        if not r.get("quiz"):
+            continue
+        replies = r["runs"][0].get("quiz_replies") or []
+        step = max(1, len(replies) // max(1, n_examples))
+        out += ["", f"### Unseen rewordings, `{Path(r['data']).name}` (seed {r['runs'][0]['seed']}, evenly spaced, not picked)", ""]
+        for x in replies[::step][:n_examples]:
+            out.append(f"- {'✓' if x['ok'] else '✗'} **{x['q']}** {x['reply']}")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = []

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# All outcome numbers and pictures in one command (issues 4 and 5: "How we will know it works").
+# All outcome numbers and pictures in one command.
 #
 #   tools/outcomes.sh                                   # the embedded base model
 #   BASE_MODEL=tools/_build/base_model_preview tools/outcomes.sh     # any other model folder
@@ -13,7 +13,10 @@
 #                                                           -> train_NAME_plain.log, train_NAME_plain.time
 #   c) tools/persona_eval.py on both runs, with --base-model  -> persona_NAME.json, persona_NAME.txt
 #   d) tools/plot_runs.py on both runs                       -> docs/loss_curves.png
-#   e) a markdown summary with every number and before/after examples -> summary.md
+#   e) tools/content_eval.py on the two FAQ samples, seeds 1 and 2: unseen rewordings answered
+#      right, training answers reproduced, time, held-out bpb rise -> content_NAME.json
+#   f) tools/paraphrase_probe.py on the base model            -> paraphrase_probe.json
+#   g) a markdown summary with every number and before/after examples -> summary.md
 #
 # Environment:
 #   BASE_MODEL   model folder to use (default: the embedded finetune_desktop/resources/base_model);
@@ -125,9 +128,26 @@ RUN_DIRS=()
 for name in "${PERSONAS[@]}"; do RUN_DIRS+=("$RUNS/$(basename "${DATA[$name]%.jsonl}")"); done
 "${NICE_CMD[@]}" "$PYTHON" tools/plot_runs.py "${RUN_DIRS[@]}" --out "$PLOT" | sed 's/^/   /'
 
-say "e) summary -> $OUTCOMES/summary.md"
+CONTENT_SPECS=()
+for faq in bike_shop gimbap_cafe_ko; do
+    say "e) content: tools/content_eval.py on sample_data/faq_$faq.jsonl (seeds 1 and 2)"
+    "${NICE_CMD[@]}" "$PYTHON" tools/content_eval.py --data "sample_data/faq_$faq.jsonl" \
+        --quiz "sample_data/faq_${faq}_quiz.jsonl" --seeds 1 2 --runs "$RUNS/content" "${BASE_ARGS[@]}" \
+        --json "$OUTCOMES/content_$faq.json" ${TRAIN_ARGS:+-- ${TRAIN_ARGS}} 2> "$OUTCOMES/content_$faq.log" \
+        | sed 's/^/   /' || { tail -n 20 "$OUTCOMES/content_$faq.log" >&2; die "tools/content_eval.py failed for $faq"; }
+    CONTENT_SPECS+=(--content "$OUTCOMES/content_$faq.json")
+done
+
+say "f) the base model alone: tools/paraphrase_probe.py"
+"${NICE_CMD[@]}" "$PYTHON" tools/paraphrase_probe.py "$BASE" \
+    --data sample_data/faq_bike_shop.jsonl --quiz sample_data/faq_bike_shop_quiz.jsonl \
+    --data sample_data/faq_gimbap_cafe_ko.jsonl --quiz sample_data/faq_gimbap_cafe_ko_quiz.jsonl \
+    > "$OUTCOMES/paraphrase_probe.json"
+sed 's/^/   /' "$OUTCOMES/paraphrase_probe.json"
+
+say "g) summary -> $OUTCOMES/summary.md"
 "$PYTHON" -c 'import sys; sys.path.insert(0, "tools"); import persona_eval; raise SystemExit(persona_eval.summary_main(sys.argv[1:]))' \
-    --outcomes "$OUTCOMES" --base "$BASE" "${RUN_SPECS[@]}" | sed 's/^/   /'
+    --outcomes "$OUTCOMES" --base "$BASE" "${RUN_SPECS[@]}" "${CONTENT_SPECS[@]}" | sed 's/^/   /'
 
 trap - ERR
 say "done in $(( $(date +%s) - T0 )) s: $OUTCOMES/summary.md, $PLOT (base model: $BASE)"

@@ -590,6 +590,7 @@ def summary_main(argv=None) -> int:
     ap.add_argument("--base", required=True)
     ap.add_argument("--run", action="append", default=[], help="NAME=RUN_DIR")
     ap.add_argument("--examples", type=int, default=3)
+    ap.add_argument("--content", action="append", default=[], help="a tools/content_eval.py JSON result")
     args = ap.parse_args(argv)
     d = Path(args.outcomes)
 
@@ -621,6 +622,10 @@ def summary_main(argv=None) -> int:
         return 2
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC") + f", {os.cpu_count()} CPU cores"
     md = summary_markdown(base, runs, args.base, args.examples, when)
+    if args.content:
+        import content_eval
+
+        md += "\n" + content_eval.markdown([json.loads(Path(c).read_text(encoding="utf-8")) for c in args.content])
     tmp = d / f".summary.md.{os.getpid()}.tmp"
     tmp.write_text(md, encoding="utf-8")
     os.replace(tmp, d / "summary.md")
