@@ -7,8 +7,9 @@ from typing import Optional
 
 import numpy as np
 
+from ..engine.ops import IGNORE_INDEX  # noqa: F401 - the label value the loss ignores (HF convention)
+
 ROLES = ("system", "user", "assistant")
-IGNORE_INDEX = -100  # label value the loss ignores (HF convention)
 
 
 @dataclass(frozen=True)
