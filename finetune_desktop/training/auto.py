@@ -70,6 +70,14 @@ FULL_LR = 1e-4
 
 EVALS_PER_RUN = 10
 
+# Stopping when the answers are learned (epochs auto): at each epoch end, once the epoch's
+# training-token accuracy reaches TOKEN_ACCURACY_BEFORE_RECALL, up to RECALL_QUESTIONS training
+# questions (the first wording of each distinct answer) are asked greedily, as chat answers them;
+# the run stops when RECALL_TARGET of the trained answers come back word for word.
+TOKEN_ACCURACY_BEFORE_RECALL = 0.97
+RECALL_TARGET = 0.95
+RECALL_QUESTIONS = 24
+
 
 @dataclass(frozen=True)
 class Hyperparameters:

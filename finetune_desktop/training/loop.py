@@ -136,6 +136,9 @@ class RunState:
     valid_history: list = field(default_factory=list)    # (step, valid loss, smoothed train loss) per evaluation
     general_start: float | None = None     # general-ability loss before training
     alarms: set = field(default_factory=set)             # kinds already raised
+    epoch_counted: int = 0                 # assistant tokens seen this epoch ...
+    epoch_correct: int = 0                 # ... and how many the model's top guess got right
+    learned_at: int | None = None          # step at which the training answers were reproduced
 
     @property
     def total_steps(self) -> int:
@@ -166,7 +169,8 @@ class _Run:
     default_system: str | None = None
     general_examples: Sequence = ()                 # the base model's general dialogs (forgetting meter)
     quiz_items: Sequence = ()                       # training.quiz items scored at each evaluation
-    tokenizer: object = None                        # needed for the quiz
+    recall_items: Sequence = ()                     # training questions asked to decide that the answers are learned
+    tokenizer: object = None                        # needed for the quiz and the recall check
 
     @property
     def steps_per_epoch(self) -> int:
@@ -255,6 +259,8 @@ def _restore(run: _Run, st: RunState, segments_given: bool) -> None:
     st.watch = DivergenceWatch(saved.get("start_loss"), saved.get("loss_ema"))
     st.general_start = saved.get("general_start")
     st.best_step = saved.get("best_step")
+    st.epoch_counted = int(saved.get("epoch_counted", 0))
+    st.epoch_correct = int(saved.get("epoch_correct", 0))
     if not segments_given and saved.get("segments"):
         st.segments = [dict(s) for s in saved["segments"]]
     if (cp / "best.safetensors").exists():
@@ -273,7 +279,8 @@ def _state_dict(run: _Run, st: RunState) -> dict:
             "evals_without_improvement": st.bad_evals,
             "last_train_loss": st.last_train, "last_valid_loss": st.last_valid,
             "start_loss": st.watch.start, "loss_ema": st.watch.ema, "general_start": st.general_start,
-            "best_step": st.best_step, "saved": now_iso()}
+            "best_step": st.best_step, "epoch_counted": st.epoch_counted, "epoch_correct": st.epoch_correct,
+            "saved": now_iso()}
 
 
 def _checkpoint(run: _Run, st: RunState) -> str:
@@ -340,6 +347,31 @@ def _evaluate(run: _Run, st: RunState, before_training: bool = False) -> None:
             st.bad_evals += 1
         st.valid_history.append((st.step, vl, st.watch.ema))
     _check_alarms(run, st, gl)
+
+
+def _answers_learned(run: _Run, st: RunState) -> bool:
+    """The automatic stopping rule (auto.py explains it): once this epoch's training-token accuracy
+    says the answers are nearly learned, ask the training questions themselves (greedy, as chat
+    answers) and stop when enough of the trained answers come back word for word."""
+    from .auto import RECALL_TARGET, TOKEN_ACCURACY_BEFORE_RECALL
+
+    acc = st.epoch_correct / st.epoch_counted if st.epoch_counted else 0.0
+    if acc < TOKEN_ACCURACY_BEFORE_RECALL or run.tokenizer is None:
+        return False
+    from .chat import ChatModel
+    from .quiz import run_quiz, score
+
+    sc = score(run_quiz(ChatModel(run.model, run.tokenizer, run.run_dir), run.recall_items))
+    run.metrics.write({"step": st.step, "epoch": st.step / run.steps_per_epoch, "recall_score": sc.correct,
+                       "recall_total": sc.total, "elapsed_s": run.elapsed(st)})
+    if sc.fraction < RECALL_TARGET:
+        return False
+    from .events import Notice
+
+    run.emit(Notice(f"the model now gives {sc.correct} of {sc.total} training answers word for word, so training "
+                    f"stops here, at epoch {st.step // run.steps_per_epoch} of up to "
+                    f"{st.total_steps // run.steps_per_epoch} (more epochs would only make it forget more)"))
+    return True
 
 
 def _check_alarms(run: _Run, st: RunState, general_loss: float | None) -> None:
@@ -424,6 +456,8 @@ def _step(run: _Run, st: RunState, b, timer: _StepTimer) -> None:
     del grads
     st.step = step + 1
     st.last_train = float(loss)
+    st.epoch_counted += int(n_counted)
+    st.epoch_correct += int(n_correct)
     why = st.watch.update(st.last_train)
     dt = t4 - t0
     timer.ema = dt if timer.ema is None else 0.8 * timer.ema + 0.2 * dt
@@ -468,6 +502,11 @@ def _after_step(run: _Run, st: RunState) -> None:
     patience = run.config.early_stopping_patience
     if run.valid_examples and patience and st.bad_evals >= patience:
         st.early_stopped = True  # no better validation loss for `patience` evaluations
+    if epoch_end:
+        if run.recall_items and st.step < st.total_steps and _answers_learned(run, st):
+            st.early_stopped = True
+            st.learned_at = st.step
+        st.epoch_counted = st.epoch_correct = 0
 
 
 def _train_epochs(run: _Run, st: RunState) -> bool:
@@ -528,7 +567,7 @@ def _finish(run: _Run, st: RunState, stopped: bool) -> TrainResult:
     el = run.elapsed(st)
     final = {"train_loss": st.last_train, "valid_loss": st.last_valid, "steps": st.step, "elapsed_s": el,
              "best_valid_loss": st.best_valid if math.isfinite(st.best_valid) else None,
-             "early_stopped": st.early_stopped, "restored_best": restored}
+             "early_stopped": st.early_stopped, "restored_best": restored, "answers_learned_at_step": st.learned_at}
     update_run_json(run.run_dir, status="finished", step=st.step, finished=now_iso(), elapsed_s=el, final=final,
                     model="model", adapter="adapter" if run.model.lora is not None else None)
     run.metrics.close()
@@ -579,7 +618,8 @@ def _memory_problem(run: _Run) -> str | None:
 def train(model, train_examples, valid_examples, config: TrainConfig, hyper: Hyperparameters, run_dir,
           on_event: Callable | None = None, control: TrainControl | None = None, resume: bool = False,
           options: LoopOptions = LoopOptions(), base_dir=None, segments: list[dict] | None = None,
-          pad_id: int = 0, batcher=None, general_examples=(), quiz_items=(), tokenizer=None) -> TrainResult:
+          pad_id: int = 0, batcher=None, general_examples=(), quiz_items=(), tokenizer=None,
+          recall_items=()) -> TrainResult:
     """Train `model` (LoRA already attached for method "lora") in place on encoded examples.
 
     run_dir must exist with a run.json (see runs.py / session.py). With resume=True the newest
@@ -593,7 +633,7 @@ def train(model, train_examples, valid_examples, config: TrainConfig, hyper: Hyp
                run_dir=Path(run_dir), emit=on_event or (lambda e: None), control=control or TrainControl(),
                options=options, base_dir=Path(base_dir) if base_dir is not None else None, pad_id=pad_id,
                batcher=batcher or _default_batcher(), general_examples=general_examples, quiz_items=quiz_items,
-               tokenizer=tokenizer)
+               tokenizer=tokenizer, recall_items=recall_items)
     run.params = model.trainable_params()
     run.opt = adamw_init(run.params)
     run.acfg = AdamWConfig(weight_decay=config.weight_decay)

@@ -410,7 +410,10 @@ def load_run_metrics(run_dir) -> RunMetrics:
     if not p.exists():
         return RunMetrics(train, ev)
     for _, d in json_objects(p):
-        (train if "train_loss" in d else ev).append(d)  # evaluation lines: validation, general loss, quiz
+        if "train_loss" in d:
+            train.append(d)
+        elif "recall_score" not in d:  # evaluation lines: validation, general loss, quiz
+            ev.append(d)
     return RunMetrics(train, ev)
 
 

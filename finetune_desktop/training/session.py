@@ -58,6 +58,7 @@ class PreparedData:
     system_prompt: str | None
     general: list = field(default_factory=list)    # encoded general dialogs (forgetting meter)
     quiz: list = field(default_factory=list)       # training.quiz items scored at each evaluation
+    recall: list = field(default_factory=list)     # training questions for the automatic stopping rule
 
 
 # ----------------------------------------------------------------------------- model + data
@@ -138,7 +139,27 @@ def prepare_data(data_path, tokenizer, config: TrainConfig, validation_path=None
                              f"(are the replies cut off at the maximum length of {config.max_seq_len} tokens?)")
     return PreparedData(train_ex, valid_ex, convs, vconvs, report, vreport, _most_common_system_prompt(convs),
                         general=_general_examples(config, tokenizer, base_dir),
-                        quiz=_quiz_items(config))
+                        quiz=_quiz_items(config), recall=_recall_items(config, convs, train_ex))
+
+
+def _recall_items(config: TrainConfig, convs, train_ex) -> list:
+    """With automatic epochs: the training questions whose answers decide when to stop (the
+    first wording of each distinct trained answer, evenly spread over at most RECALL_QUESTIONS)."""
+    if config.epochs != "auto":
+        return []
+    from .auto import RECALL_QUESTIONS
+    from .quiz import items_from_conversations
+
+    lines = {e.line for e in train_ex}
+    items, seen = [], set()
+    for it in items_from_conversations([c for c in convs if c.line in lines]):
+        if it.expected[0] not in seen:
+            seen.add(it.expected[0])
+            items.append(it)
+    if len(items) > RECALL_QUESTIONS:
+        idx = [round(i * (len(items) - 1) / (RECALL_QUESTIONS - 1)) for i in range(RECALL_QUESTIONS)]
+        items = [items[i] for i in idx]
+    return items
 
 
 def _general_examples(config: TrainConfig, tokenizer, base_dir) -> list:
@@ -287,7 +308,7 @@ def _start_locked(model, tok, base_dir, data, data_path, run_dir, config, base, 
     write_run_json(run_dir, info)
     return train(model, data.train, data.valid, config, hyper, run_dir, on_event=on_event, control=control,
                  options=options, base_dir=base_dir, pad_id=pad, general_examples=data.general,
-                 quiz_items=data.quiz, tokenizer=tok)
+                 quiz_items=data.quiz, tokenizer=tok, recall_items=data.recall)
 
 
 def resume_training(run_dir, extra_epochs: int = 0, on_event=None, control: TrainControl | None = None,
@@ -397,4 +418,4 @@ def _resume_locked(run_dir: Path, extra_epochs: int, emit, control, options, tot
     attach_method(model, config)
     return train(model, data.train, data.valid, config, hyper, run_dir, on_event=emit, control=control,
                  resume=cp is not None, options=options, base_dir=base_dir, segments=segs, pad_id=tok.pad_token_id,
-                 general_examples=data.general, quiz_items=data.quiz, tokenizer=tok)
+                 general_examples=data.general, quiz_items=data.quiz, tokenizer=tok, recall_items=data.recall)
