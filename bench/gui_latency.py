@@ -64,8 +64,10 @@ class Session:
     def _tick(self) -> None:
         now = time.perf_counter()
         self.ticks.append((now, (now - self._last) * 1000.0))
-        if self.ticks[-1][1] > 100 and os.environ.get("GUI_LATENCY_TRACE"):
-            print(f"  gap {self.ticks[-1][1]:.0f} ms at {now - self.marks.get('start', now):.2f} s", flush=True)
+        trace = float(os.environ.get("GUI_LATENCY_TRACE", "0") or 0)   # print gaps above this many ms
+        if trace and self.ticks[-1][1] > trace:
+            print(f"  gap {self.ticks[-1][1]:.0f} ms at {now - self.marks.get('start', now):.2f} s "
+                  f"(last mark: {max(self.marks, key=self.marks.get)})", flush=True)
         self._last = now
 
     def start(self) -> None:
