@@ -78,12 +78,17 @@ def test_lr_strip_has_two_ticks(qtbot):
     qtbot.wait(50)
     from PySide6.QtGui import QImage, QPainter
     ax = p.lr_chart.getPlotItem().getAxis("left")
-    img = QImage(200, 200, QImage.Format.Format_ARGB32)
-    painter = QPainter(img)
-    try:
-        _, _, texts = ax.generateDrawSpecs(painter)      # what the axis would draw
-    finally:
-        painter.end()
+
+    def labels():
+        img = QImage(200, 200, QImage.Format.Format_ARGB32)
+        painter = QPainter(img)
+        try:
+            specs = ax.generateDrawSpecs(painter)      # what the axis would draw
+        finally:
+            painter.end()
+        return [t[2] for t in specs[2]] if specs else []
+    qtbot.waitUntil(lambda: bool(labels()), timeout=5_000)   # laid out
+    texts = [(None, None, t) for t in labels()]
     assert [t[2] for t in texts] == ["0", "2e-04"]
 
 

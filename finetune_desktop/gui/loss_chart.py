@@ -131,7 +131,11 @@ class LossPanel(QWidget):
         lp.setLabel("left", "LR")
         for ax in ("left", "bottom"):
             lp.getAxis(ax).enableAutoSIPrefix(False)
-        lp.getAxis("left").setWidth(self.chart.getPlotItem().getAxis("left").width())
+        # both left axes get the width "2e-04" needs, so the strip's x axis lines up with the chart's
+        from PySide6.QtGui import QFontMetrics
+        left = QFontMetrics(self.font()).horizontalAdvance("2e-04") + 30
+        for axis in (self.chart.getPlotItem().getAxis("left"), lp.getAxis("left")):
+            axis.setWidth(left)
         lp.showAxis("right")
         lp.getAxis("right").setStyle(showValues=False)
         lp.getAxis("right").setWidth(self.chart.getPlotItem().getAxis("right").width() or 45)
@@ -352,7 +356,8 @@ class LossPanel(QWidget):
         if self._peak_lr == peak:
             return
         self._peak_lr = peak
-        self.lr_fit.apply(None, self.lr_fit.y.fit(0.0, peak))
+        # room below 0 and above the peak so both labels fit inside the ~45 px strip
+        self.lr_fit.apply(None, self.lr_fit.y.fixed(-0.25 * peak, 1.3 * peak))
         self.lr_chart.getPlotItem().getAxis("left").setTicks([[(0.0, "0"), (peak, f"{peak:.0e}")], []])
 
     def _smooth_weight(self) -> float:
