@@ -509,6 +509,70 @@ class DataPanel(QWidget):
         if isinstance(d, dict):
             self.apply_settings_dict(d)
 
+    # ------------------------------------------------------------------ the file and the estimate
+    def set_base_choices(self, embedded: str, embedded_ok: bool, current: str | None, runs: list,
+                         choose_marker: str) -> None:
+        """The base model box: the built-in model, the current folder, runs with a model, Choose…"""
+        box = self.base_box
+        box.blockSignals(True)
+        box.clear()
+        box.addItem("Built-in base model" + ("" if embedded_ok else " (not installed)"), embedded)
+        run_paths = {path for _, path in runs}
+        if current and current != embedded and current not in run_paths:
+            box.addItem(f"Folder: {Path(current).name}", current)
+        for label, path in runs:
+            box.addItem(label, path)
+        box.addItem("Choose a folder…", choose_marker)
+        box.setCurrentIndex(max(0, box.findData(current)))
+        box.setToolTip(f"{current}\n\n" + TIPS["base"])
+        box.blockSignals(False)
+
+    def show_file_report(self, path: str, rep, sizes) -> None:
+        """A checked training file: the issues, the preview and a one-line summary in the drop zone."""
+        self.show_report(rep)
+        detail = f"{rep.format or '?'} · {sizes.examples} examples · {sizes.tokens:,} tokens"
+        if sizes.longest:
+            detail += f" · longest {sizes.longest}"
+        if rep.ok:
+            n = len(rep.warnings)
+            detail += f" · {n} warning{'s' if n != 1 else ''}" if n else " · ready"
+            self.drop_zone.set_state("ok", Path(path).name, detail)
+        else:
+            n = len(rep.errors)
+            self.drop_zone.set_state("bad", Path(path).name, f"{n} error{'s' if n != 1 else ''} must be fixed "
+                                                             f"before training (click one to see the line) · {detail}")
+
+    def show_unusable(self, path: str, why: str) -> None:
+        self.drop_zone.set_state("bad", Path(path).name, f"Cannot use this file: {why}")
+
+    def show_issue_line(self, issue, text: str, file_name: str):
+        """A dialog with the file line an issue points at (non-blocking). Returns the dialog."""
+        from PySide6.QtWidgets import QMessageBox
+        box = QMessageBox(self.window())
+        box.setObjectName("issueLineDialog")
+        box.setWindowTitle(f"Line {issue.line}")
+        box.setIcon(QMessageBox.Icon.Warning if issue.severity == "error" else QMessageBox.Icon.Information)
+        box.setText(str(issue))
+        box.setInformativeText(f"Line {issue.line} of {file_name}:")
+        box.setDetailedText(text.rstrip("\n"))
+        box.setStandardButtons(QMessageBox.StandardButton.Ok)
+        box.open()
+        return box
+
+    def show_estimate(self, est, message: str = "") -> None:
+        """A bridge.Estimate, or a message when there is none."""
+        if est is None:
+            self.estimate.setText(message)
+            return
+        text = (f"About <b>{est.steps} steps</b> ({est.epochs} epoch{'s' if est.epochs != 1 else ''} × batch "
+                f"{est.batch_size}, LR {est.learning_rate:.1e}) · ≈ <b>{human_duration(est.seconds)}</b> · "
+                f"memory ≈ {est.memory_bytes / 2**20:,.0f} MB")
+        if not est.memory_fits:
+            text += ("<br><span style='color:#a3261b'>This may not fit in memory: lower the batch size or "
+                     "max length.</span>")
+        self.estimate.setText(text)
+        self.estimate.setToolTip(est.memory_text)
+
     # ------------------------------------------------------------------ a run's progress
     def show_preparing(self) -> None:
         self.progress.setRange(0, 0)   # busy until the loop reports its step count

@@ -11,15 +11,15 @@ import os
 from pathlib import Path
 
 from PySide6.QtCore import QByteArray, Qt, QTimer, Signal
-from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QInputDialog, QLabel, QMainWindow, QMessageBox,
                                QPushButton, QScrollArea, QSplitter, QTabWidget, QVBoxLayout, QWidget)
 
 from . import bridge, style
 from .chat_panel import ChatPanel
 from .data_controller import DataController
-from .data_panel import DATA_FILTER, DataPanel, first_local_file, human_duration
+from .data_panel import DATA_FILTER, DataPanel, first_local_file
 from .history import HistoryPanel
+from .menus import build_menus
 from .model_cache import make_model_cache
 from .monitor import MonitorPanel
 from .paths import make_settings
@@ -28,16 +28,6 @@ from .training_controller import TrainingController
 from .workers import ThreadPool, plain_error
 
 CHOOSE_FOLDER = "__choose__"
-
-HELP_TEXT = (
-    "1. Drop a training file (chat JSONL, prompt/completion JSONL, or CSV).\n"
-    "2. Check the report: fix errors (click one to see the line).\n"
-    "3. Press Run. Every step the model reads a batch (forward), measures how wrong it was "
-    "(loss), works out which way each weight should move (backpropagation) and moves them "
-    "a little (update).\n"
-    "4. Watch the loss fall and the weights change, then chat with the tuned model.\n\n"
-    "The model starts from pre-trained weights, not random ones: fine-tuning only nudges them.")
-
 
 class MainWindow(QMainWindow):
     trainingFinished = Signal(str)   # the run folder (sent once the chat has switched to the tuned model)
@@ -64,7 +54,7 @@ class MainWindow(QMainWindow):
         self.runs = RunsController(self.pool, self.cache, self)
         self.data = DataController(self.pool, self)
         self._build()
-        self._build_menus()
+        build_menus(self)
         self._wire()
         self._restore_settings()
         self._set_base_model(str(base_model) if base_model else None, initial=True)
@@ -162,37 +152,6 @@ class MainWindow(QMainWindow):
         lay.addWidget(self.banner)
         lay.addWidget(self.error_banner)
         return box
-
-    def _build_menus(self) -> None:
-        mb = self.menuBar()
-        fm = mb.addMenu("&File")
-        self.open_action = _action(self, "&Open training file…", self.browse_data_file, QKeySequence.StandardKey.Open)
-        fm.addAction(self.open_action)
-        fm.addAction(_action(self, "Open &validation file…", self.browse_validation_file))
-        fm.addAction(_action(self, "Choose base model &folder…", self.choose_base_folder))
-        fm.addSeparator()
-        fm.addAction(_action(self, "&Export tuned model…", lambda: self.export_model(None, adapter=False),
-                             "Ctrl+E"))
-        fm.addAction(_action(self, "Export LoRA &adapter…", lambda: self.export_model(None, adapter=True)))
-        fm.addAction(_action(self, "Export loss chart as &PNG…", self.loss_panel.export_png_dialog))
-        fm.addAction(_action(self, "Export loss chart as &CSV…", self.loss_panel.export_csv_dialog))
-        fm.addSeparator()
-        fm.addAction(_action(self, "&Quit", self.close, QKeySequence.StandardKey.Quit))
-        tm = mb.addMenu("&Training")
-        self.run_action = _action(self, "&Run", self.start_training, "Ctrl+R")
-        self.pause_action = _action(self, "&Pause / Resume", self.toggle_pause, "Ctrl+P")
-        self.stop_action = _action(self, "&Stop", self.stop_training, "Ctrl+.")
-        for a in (self.run_action, self.pause_action, self.stop_action):
-            tm.addAction(a)
-        vm = mb.addMenu("&View")
-        vm.addAction(_action(self, "Run &history", lambda: self.left_tabs.setCurrentIndex(1), "Ctrl+H"))
-        vm.addAction(_action(self, "&Data and settings", lambda: self.left_tabs.setCurrentIndex(0), "Ctrl+D"))
-        vm.addAction(_action(self, "&Compare with base", self.chat.compare_box.toggle, "Ctrl+K"))
-        vm.addAction(_action(self, "&Rescale weights colours", self.weights_view.rescale))
-        vm.addAction(_action(self, "&Focus chat", self.chat.input.setFocus, "Ctrl+L"))
-        hm = mb.addMenu("&Help")
-        hm.addAction(_action(self, "&How it works", lambda: QMessageBox.information(self, "How it works", HELP_TEXT),
-                             QKeySequence.StandardKey.HelpContents))
 
     def _wire(self) -> None:
         dp = self.data_panel
@@ -292,20 +251,9 @@ class MainWindow(QMainWindow):
         self._schedule_estimate()
 
     def _fill_base_box(self) -> None:
-        box = self.data_panel.base_box
-        box.blockSignals(True)
-        box.clear()
-        emb = str(self.embedded_base)
-        box.addItem("Built-in base model" + ("" if self._embedded_ok else " (not installed)"), emb)
-        run_models = {str(Path(e.path) / "model"): e for e in self.runs.runs_with_model()}
-        if self.base_model_path and self.base_model_path != emb and self.base_model_path not in run_models:
-            box.addItem(f"Folder: {Path(self.base_model_path).name}", self.base_model_path)
-        for model_dir, e in run_models.items():
-            box.addItem(f"Run: {e.title}", model_dir)
-        box.addItem("Choose a folder…", CHOOSE_FOLDER)
-        box.setCurrentIndex(max(0, box.findData(self.base_model_path)))
-        box.setToolTip(f"{self.base_model_path}\n\n" + box.toolTip().split("\n\n")[-1])
-        box.blockSignals(False)
+        runs = [(f"Run: {e.title}", str(Path(e.path) / "model")) for e in self.runs.runs_with_model()]
+        self.data_panel.set_base_choices(str(self.embedded_base), self._embedded_ok, self.base_model_path, runs,
+                                         CHOOSE_FOLDER)
 
     def _base_box_changed(self) -> None:
         data = self.data_panel.base_box.currentData()
@@ -388,26 +336,15 @@ class MainWindow(QMainWindow):
 
     def _on_unreadable(self, path: str, why: str) -> None:
         self._pending_run = False
-        self.drop_zone.set_state("bad", Path(path).name, f"Cannot use this file: {why}")
+        self.data_panel.show_unusable(path, why)
         self.show_error(f"{Path(path).name}: {why}")
         self._update_run_enabled()
 
     def _on_report(self, path: str, rep) -> None:
-        self.data_panel.show_report(rep)
-        sizes = bridge.report_sizes(rep)
-        detail = f"{rep.format or '?'} · {sizes.examples} examples · {sizes.tokens:,} tokens"
-        if sizes.longest:
-            detail += f" · longest {sizes.longest}"
+        self.data_panel.show_file_report(path, rep, bridge.report_sizes(rep))
         if rep.ok:
-            n = len(rep.warnings)
-            detail += f" · {n} warning{'s' if n != 1 else ''}" if n else " · ready"
-            self.drop_zone.set_state("ok", Path(path).name, detail)
             self.clear_error()
             self.statusBar().showMessage(f"Loaded {path}: {rep.summary_line()}", 8000)
-        else:
-            n = len(rep.errors)
-            self.drop_zone.set_state("bad", Path(path).name, f"{n} error{'s' if n != 1 else ''} must be fixed before "
-                                                             f"training (click one to see the line) · {detail}")
         self._update_run_enabled()
         self._schedule_estimate()
         if self._pending_run:
@@ -422,16 +359,7 @@ class MainWindow(QMainWindow):
         self.data.read_issue_line(issue)
 
     def _show_issue_dialog(self, issue, text: str) -> None:
-        box = QMessageBox(self)
-        box.setObjectName("issueLineDialog")
-        box.setWindowTitle(f"Line {issue.line}")
-        box.setIcon(QMessageBox.Icon.Warning if issue.severity == "error" else QMessageBox.Icon.Information)
-        box.setText(str(issue))
-        box.setInformativeText(f"Line {issue.line} of {Path(self.data.path or '').name}:")
-        box.setDetailedText(text.rstrip("\n"))
-        box.setStandardButtons(QMessageBox.StandardButton.Ok)
-        self._last_issue_dialog = box
-        box.open()
+        self._last_issue_dialog = self.data_panel.show_issue_line(issue, text, Path(self.data.path or "").name)
 
     # ================================================================== estimate
     def _schedule_estimate(self) -> None:
@@ -442,31 +370,24 @@ class MainWindow(QMainWindow):
         return v if v and v > 0 else None
 
     def update_estimate(self) -> None:
-        label = self.data_panel.estimate
         rep, base = self.data.report, self.data.base
         if rep is None or not rep.ok or not self.base_ok():
-            label.setText("Load a valid training file to see how long a run takes.")
-            return
-        if base is None or base.config is None:
-            label.setText("Reading the base model…" if base is None else f"No estimate: {base.description}")
-            return
-        try:
-            est = bridge.estimate_run(base.config, self.data_panel.train_config_kwargs(), bridge.report_sizes(rep),
-                                      self._tokens_per_second())
-        except ValueError as e:
-            label.setText(str(e))
-            return
-        except Exception as e:  # noqa: BLE001
-            label.setText(f"No estimate: {plain_error(e)}")
-            return
-        text = (f"About <b>{est.steps} steps</b> ({est.epochs} epoch{'s' if est.epochs != 1 else ''} × batch "
-                f"{est.batch_size}, LR {est.learning_rate:.1e}) · ≈ <b>{human_duration(est.seconds)}</b> · "
-                f"memory ≈ {est.memory_bytes / 2**20:,.0f} MB")
-        if not est.memory_fits:
-            text += "<br><span style='color:#a3261b'>This may not fit in memory: lower the batch size or max length.</span>"
-        label.setText(text)
-        label.setToolTip(est.memory_text)
-        self.last_estimate = est
+            self.data_panel.show_estimate(None, "Load a valid training file to see how long a run takes.")
+        elif base is None or base.config is None:
+            self.data_panel.show_estimate(None, "Reading the base model…" if base is None
+                                          else f"No estimate: {base.description}")
+        else:
+            try:
+                est = bridge.estimate_run(base.config, self.data_panel.train_config_kwargs(),
+                                          bridge.report_sizes(rep), self._tokens_per_second())
+            except ValueError as e:
+                self.data_panel.show_estimate(None, str(e))
+                return
+            except Exception as e:  # noqa: BLE001
+                self.data_panel.show_estimate(None, f"No estimate: {plain_error(e)}")
+                return
+            self.data_panel.show_estimate(est)
+            self.last_estimate = est
 
     # ================================================================== training
     def is_training(self) -> bool:
@@ -731,11 +652,3 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage("Stopping…")
         self.shutdown()
         e.accept()
-
-
-def _action(parent, text, slot, shortcut=None) -> QAction:
-    a = QAction(text, parent)
-    if shortcut is not None:
-        a.setShortcut(QKeySequence(shortcut))
-    a.triggered.connect(lambda _=False: slot())
-    return a
