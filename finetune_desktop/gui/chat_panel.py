@@ -30,7 +30,11 @@ SYS_FG = "#6b7785"
 
 
 class ChatTranscript(QTextBrowser):
-    """Bubbles rendered as rich text. toPlainText() gives the whole conversation as text."""
+    """Bubbles rendered as rich text. toPlainText() gives the whole conversation as text.
+
+    A streamed reply only replaces the last bubble (a text cursor from where it starts to the
+    end), so each piece costs the same at the first message and the hundredth; adding a message
+    renders everything once."""
 
     def __init__(self, name: str = "chatTranscript", title: str = "", parent=None):
         super().__init__(parent)
@@ -39,6 +43,7 @@ class ChatTranscript(QTextBrowser):
         self.setAccessibleName(title or "Chat transcript")
         self.title = title
         self.messages: list[dict] = []   # {"role", "content", "note"}
+        self._last_start: int | None = None   # where the last bubble starts in the document
         self.setFont(style.app_font())
         self._render()
 
@@ -57,40 +62,70 @@ class ChatTranscript(QTextBrowser):
         self.messages[-1]["content"] = content
         if note is not None:
             self.messages[-1]["note"] = note
-        self._render()
+        self._render_last()
+
+    def remove_last(self) -> None:
+        if self.messages:
+            self.messages.pop()
+            self._render()
 
     def clear_messages(self) -> None:
         self.messages = []
         self._render()
 
     def _render(self) -> None:
+        """The whole transcript: every bubble but the last as one document, then the last one."""
         parts = ["<html><body style='margin:2px'>"]
         if self.title:
             parts.append(f"<p style='color:{SYS_FG}; font-size:small; margin:2px'><b>{html.escape(self.title)}</b></p>")
         if not self.messages:
             parts.append(f"<p style='color:{SYS_FG}; margin:8px'>Type a message below and press Enter.</p>")
-        for m in self.messages:
-            text = html.escape(m["content"] or "…").replace("\n", "<br>")
-            note = f"<br><span style='color:{SYS_FG}; font-size:small'>{html.escape(m['note'])}</span>" \
-                if m.get("note") else ""
-            if m["role"] == "user":
-                parts.append("<table width='100%' cellspacing='0' cellpadding='0' style='margin-top:6px'><tr>"
-                             "<td width='18%'></td>"
-                             f"<td style='background-color:{USER_BG}; color:{USER_FG}; padding:7px'>{text}</td>"
-                             "</tr></table>")
-            elif m["role"] == "note":
-                parts.append(f"<p align='center' style='color:{SYS_FG}; font-size:small; margin:6px'>{text}</p>")
-            elif m["role"] == "error":
-                parts.append(f"<p style='color:#a3261b; margin:6px'>⚠ {text}</p>")
-            else:
-                parts.append("<table width='100%' cellspacing='0' cellpadding='0' style='margin-top:6px'><tr>"
-                             f"<td style='background-color:{BOT_BG}; color:{BOT_FG}; padding:7px'>{text}{note}</td>"
-                             "<td width='18%'></td></tr></table>")
+        parts.extend(_bubble(m) for m in self.messages[:-1])
         parts.append("</body></html>")
         self.setHtml("".join(parts))
+        self._last_start = None
+        if self.messages:
+            cur = QTextCursor(self.document())
+            cur.movePosition(QTextCursor.MoveOperation.End)
+            self._last_start = cur.position()
+            cur.insertHtml(_bubble(self.messages[-1]))
+        self._scroll_to_end()
+
+    def _render_last(self) -> None:
+        if self._last_start is None:
+            self._render()
+            return
+        cur = QTextCursor(self.document())
+        cur.setPosition(self._last_start)
+        cur.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
+        cur.beginEditBlock()
+        cur.removeSelectedText()
+        cur.insertHtml(_bubble(self.messages[-1]))
+        cur.endEditBlock()
+        self._scroll_to_end()
+
+    def _scroll_to_end(self) -> None:
         self.moveCursor(QTextCursor.MoveOperation.End)
         sb = self.verticalScrollBar()
         sb.setValue(sb.maximum())
+
+
+def _bubble(m: dict) -> str:
+    text = html.escape(m["content"] or "…").replace("\n", "<br>")
+    note = f"<br><span style='color:{SYS_FG}; font-size:small'>{html.escape(m['note'])}</span>" \
+        if m.get("note") else ""
+    if m["role"] == "user":
+        return ("<table width='100%' cellspacing='0' cellpadding='0' style='margin-top:6px'><tr>"
+                "<td width='18%'></td>"
+                f"<td style='background-color:{USER_BG}; color:{USER_FG}; padding:7px'>{text}</td>"
+                "</tr></table>")
+    if m["role"] == "note":
+        return f"<p align='center' style='color:{SYS_FG}; font-size:small; margin:6px'>{text}</p>"
+    if m["role"] == "error":
+        return f"<p style='color:#a3261b; margin:6px'>⚠ {text}</p>"
+    return ("<table width='100%' cellspacing='0' cellpadding='0' style='margin-top:6px'><tr>"
+            f"<td style='background-color:{BOT_BG}; color:{BOT_FG}; padding:7px'>{text}{note}</td>"
+            "<td width='18%'></td></tr></table>")
 
 
 class ChatInput(QPlainTextEdit):
@@ -372,7 +407,7 @@ class ChatPanel(QWidget):
     def _on_error(self, target: str, message: str) -> None:
         tr = self.transcript if target == "main" else self.base_transcript
         if tr.messages and tr.messages[-1]["role"] == "assistant" and not tr.messages[-1]["content"]:
-            tr.messages.pop()
+            tr.remove_last()
         tr.add("error", f"No reply: {message}")
         hist = self.history if target == "main" else self.base_history
         if hist and hist[-1]["role"] == "user":

@@ -366,8 +366,7 @@ class LossPanel(QWidget):
     def _smoothing_changed(self) -> None:
         self._ema = EmaState(self._smooth_weight())
         if len(self.steps):
-            n = self.steps.n
-            self.steps._cols["smooth"][:n] = self._ema.push(self.steps.view("loss"))
+            self.steps.set_view("smooth", self._ema.push(self.steps.view("loss")))
         self._dirty = True
 
     def _toggle_acc(self, on: bool) -> None:
