@@ -7,7 +7,7 @@ Afterwards the same training runs through `finetune-desktop train` in a subproce
 same settings: the app's defaults, 2 epochs, 10% held out) so the app's training time can be
 compared with the command line's. The subprocess runs after the app has closed, never during it.
 
-    python bench/gui_latency.py [--size 1280x800] [--data FILE] [--epochs 2] [--base MODEL] [--no-cli]
+    python bench/gui_latency.py [--size 1280x800] [--data FILE] [--epochs 2] [--base MODEL] [--repeat N] [--no-cli]
 
 Prints p50 / p99 / max of the gaps for the whole session and per phase (load, train, chat), the
 GUI thread's own CPU time while training, and the app / CLI training times. Targets:
@@ -206,6 +206,20 @@ def run_cli(args, settings: dict, home: str) -> dict:
             "settings": info.get("settings", {}), "cmd": " ".join(cmd[1:])}
 
 
+def _print_run(res, cli) -> None:
+    print(f"{'phase':<15} {'ticks':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+    for name, g in res["gaps"].items():
+        if len(g):
+            print(f"{name:<15} {len(g):>6} {np.percentile(g, 50):>8.1f} {np.percentile(g, 99):>8.1f} {g.max():>8.1f}")
+    print(f"GUI thread CPU while training: {res['gui_cpu_s']:.2f} s of {res['wall_s']:.1f} s "
+          f"({100 * res['gui_cpu_s'] / max(1e-9, res['wall_s']):.1f}%)")
+    print(f"chat reply from {res['chat_model']!r}: {res['reply'][:80]!r}")
+    if cli is not None:
+        print(f"training loop time (run.json final.elapsed_s): app {res['loop_s']:.1f} s, CLI {cli['loop_s']:.1f} s "
+              f"-> app/CLI {res['loop_s'] / cli['loop_s']:.2f}; end to end: app Run->finished {res['wall_s']:.1f} s, "
+              f"CLI process {cli['wall_s']:.1f} s (with Python start-up and imports)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="GUI latency over a session: drop, train, chat; app vs CLI time")
     ap.add_argument("--data", default=str(ROOT / "sample_data" / "pirate_captain.jsonl"))
@@ -215,43 +229,46 @@ def main(argv=None) -> int:
     ap.add_argument("--message", default="Ahoy captain! What should I cook tonight?")
     ap.add_argument("--interval-ms", type=int, default=10)
     ap.add_argument("--timeout", type=float, default=1800)
-    ap.add_argument("--no-cli", action="store_true", help="skip the command-line comparison run")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="sessions; with the CLI they alternate app, CLI, app, CLI (a busy machine drifts)")
+    ap.add_argument("--no-cli", action="store_true", help="skip the command-line comparison runs")
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = ap.parse_args(argv)
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    home = tempfile.mkdtemp(prefix="ftd-latency-")
     load_before = machine_load()
-    res = run_app(args, home)
-    cli = None if args.no_cli else run_cli(args, res["settings"], home)
-    large = res["size"][0] * res["size"][1] > 2560 * 1600
-    print(f"window {res['size'][0]}x{res['size'][1]} ({args.size} asked), data {Path(args.data).name}, "
-          f"{args.epochs} epochs, {res['steps']} steps; {load_before} at start, {machine_load()} at end")
-    print(f"{'phase':<15} {'ticks':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
-    for name, g in res["gaps"].items():
-        if not len(g):
-            print(f"{name:<15} {0:>6}")
-            continue
-        print(f"{name:<15} {len(g):>6} {np.percentile(g, 50):>8.1f} {np.percentile(g, 99):>8.1f} {g.max():>8.1f}")
-    print(f"GUI thread CPU while training: {res['gui_cpu_s']:.2f} s of {res['wall_s']:.1f} s "
-          f"({100 * res['gui_cpu_s'] / max(1e-9, res['wall_s']):.1f}%)")
-    print(f"chat reply from {res['chat_model']!r}: {res['reply'][:80]!r}")
-    g = res["gaps"]["whole session"]
-    p99, mx = float(np.percentile(g, 99)), float(g.max())
+    runs = []
+    for i in range(args.repeat):
+        home = tempfile.mkdtemp(prefix="ftd-latency-")
+        res = run_app(args, home)
+        cli = None if args.no_cli else run_cli(args, res["settings"], home)
+        print(f"--- session {i + 1}/{args.repeat}: window {res['size'][0]}x{res['size'][1]} ({args.size} asked), "
+              f"{Path(args.data).name}, {args.epochs} epochs, {res['steps']} steps; {machine_load()}", flush=True)
+        _print_run(res, cli)
+        runs.append((res, cli))
+    size = runs[0][0]["size"]
+    large = size[0] * size[1] > 2560 * 1600
+    p99s = [float(np.percentile(r["gaps"]["whole session"], 99)) for r, _ in runs]
+    maxes = [float(r["gaps"]["whole session"].max()) for r, _ in runs]
+    p99, mx = float(np.median(p99s)), max(maxes)
     ok = p99 <= TARGETS["large"]["p99"] if large else (p99 <= TARGETS["small"]["p99"] and mx <= TARGETS["small"]["max"])
-    print(f"latency {'PASS' if ok else 'FAIL'} (targets: " + ("p99 <= 35 ms at 3840x2160" if large else
-                                                             "p99 <= 20 ms and max <= 100 ms at 1280x800") + ")")
-    out = {"size": res["size"], "steps": res["steps"], "load": load_before, "gui_cpu_s": res["gui_cpu_s"],
-           "app_loop_s": res["loop_s"], "app_wall_s": res["wall_s"],
-           "gaps": {k: {"n": len(v), "p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99)),
-                        "max": float(v.max())} for k, v in res["gaps"].items() if len(v)}}
-    if cli is not None:
-        ratio = res["loop_s"] / max(1e-9, cli["loop_s"])
-        print(f"training loop time (run.json final.elapsed_s): app {res['loop_s']:.1f} s, CLI {cli['loop_s']:.1f} s "
-              f"-> app/CLI {ratio:.2f} ({'PASS' if ratio <= TARGETS['app_over_cli'] else 'FAIL'}, target <= 1.1)")
-        print(f"end to end: app Run->finished {res['wall_s']:.1f} s; CLI process {cli['wall_s']:.1f} s "
-              f"(includes Python start-up and imports)")
-        print(f"CLI: {cli['cmd']}")
-        out.update(cli_loop_s=cli["loop_s"], cli_wall_s=cli["wall_s"], app_over_cli=ratio)
+    print(f"=== {len(runs)} session(s); machine: {load_before} at start, {machine_load()} at end")
+    print(f"whole session: p99 {', '.join(f'{v:.1f}' for v in p99s)} ms (median {p99:.1f}); max "
+          f"{', '.join(f'{v:.0f}' for v in maxes)} ms -> latency {'PASS' if ok else 'FAIL'} (targets: "
+          + ("p99 <= 35 ms at 3840x2160" if large else "p99 <= 20 ms and max <= 100 ms at 1280x800") + ")")
+    out = {"size": size, "load_start": load_before, "load_end": machine_load(), "sessions": [
+        {"steps": r["steps"], "gui_cpu_s": r["gui_cpu_s"], "app_loop_s": r["loop_s"], "app_wall_s": r["wall_s"],
+         "cli_loop_s": c["loop_s"] if c else None, "cli_wall_s": c["wall_s"] if c else None,
+         "gaps": {k: {"n": len(v), "p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99)),
+                      "max": float(v.max())} for k, v in r["gaps"].items() if len(v)}} for r, c in runs]}
+    if not args.no_cli:
+        app_t = [r["loop_s"] for r, _ in runs]
+        cli_t = [c["loop_s"] for _, c in runs]
+        ratio = float(np.median(app_t) / np.median(cli_t))
+        print(f"training loop time: app {', '.join(f'{v:.1f}' for v in app_t)} s; CLI "
+              f"{', '.join(f'{v:.1f}' for v in cli_t)} s -> median app / median CLI {ratio:.2f} "
+              f"({'PASS' if ratio <= TARGETS['app_over_cli'] else 'FAIL'}, target <= 1.1)")
+        print(f"CLI: {runs[0][1]['cmd']}")
+        out["app_over_cli"] = ratio
         ok = ok and ratio <= TARGETS["app_over_cli"]
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2), encoding="utf-8")

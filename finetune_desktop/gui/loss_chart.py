@@ -116,10 +116,11 @@ class LossPanel(QWidget):
         self._overlay_i = 0
         self._top = float("nan")          # highest loss so far (train, validation, overlays)
         self._total_steps = 0             # the run's planned steps (0 = not known)
+        # started by new data, single shot: at most 10 redraws a second, no wake-ups while idle
         self.timer = QTimer(self)
-        self.timer.setInterval(100)  # <= 10 redraws per second
+        self.timer.setSingleShot(True)
+        self.timer.setInterval(100)
         self.timer.timeout.connect(self._on_timer)
-        self.timer.start()
         self._hover = pg.SignalProxy(self.chart.scene().sigMouseMoved, rateLimit=30, slot=self._on_hover)
 
     def _build_lr_chart(self) -> None:
@@ -238,7 +239,7 @@ class LossPanel(QWidget):
         self.chart.view_fit.fix_x(0.0, float(self._total_steps))
         if peak_lr and peak_lr > 0:
             self._set_lr_ticks(float(peak_lr))
-        self._dirty = True
+        self._changed()
 
     def add_steps(self, metrics: list) -> None:
         """StepMetrics events (a coalesced batch)."""
@@ -252,7 +253,7 @@ class LossPanel(QWidget):
         self.evals.append_rows({"step": [ev.step], "epoch": [ev.epoch], "valid_loss": [ev.valid_loss],
                                 "valid_acc": [ev.valid_token_accuracy]})
         self._top = _nanmax(self._top, ev.valid_loss)
-        self._dirty = True
+        self._changed()
 
     def load_rows(self, rows: list[dict]) -> None:
         """metrics.jsonl rows of a saved run (by step)."""
@@ -288,7 +289,7 @@ class LossPanel(QWidget):
             if k > self._last_epoch_int:
                 self._last_epoch_int = k
                 self.chart.add_epoch_line(float(s), k)
-        self._dirty = True
+        self._changed()
 
     # ------------------------------------------------------------------ overlays (run comparison)
     def add_overlay(self, name: str, rows: list[dict]) -> None:
@@ -308,7 +309,7 @@ class LossPanel(QWidget):
         item.setDownsampling(auto=True, method="peak")
         self.chart.overlays[name] = item
         self._update_legend()
-        self._dirty = True
+        self._changed()
 
     def remove_overlay(self, name: str) -> None:
         item = self.chart.overlays.pop(name, None)
@@ -321,9 +322,18 @@ class LossPanel(QWidget):
             self.remove_overlay(name)
 
     # ------------------------------------------------------------------ drawing
+    def _changed(self) -> None:
+        self._dirty = True
+        if not self.timer.isActive():
+            self.timer.start(100)
+
     def _on_timer(self) -> None:
-        if self._dirty and self.isVisible() and not self.window().isMinimized():
+        if not self._dirty:
+            return
+        if self.isVisible() and not self.window().isMinimized():
             self.redraw()
+        else:
+            self.timer.start(500)    # not on screen: look again later, draw nothing now
 
     def redraw(self) -> None:
         """Draw what arrived since the last redraw (now, whether or not the timer is due)."""
@@ -367,7 +377,7 @@ class LossPanel(QWidget):
         self._ema = EmaState(self._smooth_weight())
         if len(self.steps):
             self.steps.set_view("smooth", self._ema.push(self.steps.view("loss")))
-        self._dirty = True
+        self._changed()
 
     def _toggle_acc(self, on: bool) -> None:
         self.chart.acc_curve.setVisible(on)

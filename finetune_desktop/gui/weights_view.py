@@ -72,10 +72,9 @@ class WeightsView(QWidget):
         self._last_cycle = -1e9
         self._total_steps = 0
         self._build()
-        self.timer = QTimer(self)
+        self.timer = QTimer(self)            # runs only while there is something to draw
         self.timer.setInterval(TICK_MS)
         self.timer.timeout.connect(self._tick)
-        QTimer.singleShot(50, self.timer.start)   # out of phase with the loss chart's redraws
 
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:
@@ -228,6 +227,7 @@ class WeightsView(QWidget):
         self.snapshot_count += 1
         self.latest = snap
         self._pending = True
+        self._kick()
         names = sorted(set(snap.matrices) | set(snap.current))
         if names != self._names:
             self._names = names
@@ -237,6 +237,7 @@ class WeightsView(QWidget):
         if metrics:
             self.grad.append_rows({"step": [m.step for m in metrics], "grad_norm": [m.grad_norm for m in metrics]})
             self._grad_dirty = True
+            self._kick()
 
     def load_rows(self, rows: list[dict]) -> None:
         self.grad.clear()
@@ -244,6 +245,7 @@ class WeightsView(QWidget):
         if pts:
             self.grad.append_rows({"step": [r["step"] for r in pts], "grad_norm": [r["grad_norm"] for r in pts]})
         self._grad_dirty = True
+        self._kick()
 
     # ------------------------------------------------------------------ pickers
     def _fill_pickers(self) -> None:
@@ -274,6 +276,7 @@ class WeightsView(QWidget):
             with _Blocked(self.proj_box):
                 self._fill_proj(self.proj_box.currentText())
         self._pending = True
+        self._kick()
 
     def select(self, layer: str, proj: str) -> None:
         self.layer_box.setCurrentText(layer)
@@ -310,12 +313,21 @@ class WeightsView(QWidget):
     def on_screen(self) -> bool:
         return self.isVisible() and not self.visibleRegion().isEmpty() and not self.window().isMinimized()
 
+    def _kick(self) -> None:
+        if not self.timer.isActive():
+            self.timer.start(TICK_MS)
+
     def _tick(self) -> None:
         """At most one piece of the view per tick (heatmap / histogram+bias / bars+gradient), so a
         new snapshot is drawn over three short event-loop turns instead of one long one; a new
         drawing starts at most every DRAW_INTERVAL_S, and only while the view is on screen."""
-        if not self.on_screen():
+        if not (self._pending or self._stages or self._grad_dirty):
+            self.timer.stop()
             return
+        if not self.on_screen():
+            self.timer.start(500)            # hidden: look again later, draw nothing now
+            return
+        self.timer.setInterval(TICK_MS)
         now = time.monotonic()
         if self._pending and not self._stages and now - self._last_cycle >= DRAW_INTERVAL_S:
             self._pending = False
