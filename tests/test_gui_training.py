@@ -91,11 +91,16 @@ def test_drop_run_finish_then_chat_and_compare(window, qtbot):
     assert w.data_panel.preview.rowCount() > 0
     find(w, QSpinBox, "epochsSpinBox").setValue(1)
     w.data_panel.batch.setValue(16)
+    at_finish = []     # what the chat talks to when trainingFinished arrives
+    w.trainingFinished.connect(lambda _: at_finish.append((find(w, QComboBox, "modelSelector").currentData(),
+                                                           w.chat.effective_system_prompt())))
     with qtbot.waitSignal(w.trainingFinished, timeout=120_000) as blocker:
         qtbot.mouseClick(run, Qt.MouseButton.LeftButton)
         assert not run.isEnabled()
     run_dir = Path(blocker.args[0])
     assert (run_dir / "model" / "config.json").is_file()
+    system = json.loads(SAMPLE.read_text(encoding="utf-8").splitlines()[0])["messages"][0]["content"]
+    assert at_finish == [(str(run_dir / "model"), system)]
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
     qtbot.waitUntil(lambda: not w.running_threads(), timeout=10_000)
     assert w.loss_chart.point_count() > 0

@@ -73,7 +73,8 @@ def main(argv=None) -> int:
             time.sleep(0.02)
 
     pump(0.5)
-    w.load_data_file(args.data)
+    w.load_data_file(args.data)          # checked on a worker thread
+    wait(lambda: w.drop_zone.property("state") in ("ok", "bad"), "the file check")
     if w.report is None or not w.report.ok:
         print("error: the sample file did not validate", file=sys.stderr)
         return 1

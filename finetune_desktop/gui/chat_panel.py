@@ -304,6 +304,20 @@ class ChatPanel(QWidget):
         self._update_send_enabled()
         self._update_system_placeholder()
 
+    def add_model(self, entry) -> None:
+        """One more choice (a ModelEntry), unless its spec is listed already."""
+        box = self.model_selector
+        if box.findData(entry.spec) >= 0:
+            return
+        box.blockSignals(True)
+        box.addItem(entry.label, entry.spec)
+        i = box.count() - 1
+        box.setItemData(i, entry.run_dir, RUN_ROLE)
+        box.setItemData(i, entry.system_prompt, SYSTEM_ROLE)
+        box.setItemData(i, entry.spec, Qt.ItemDataRole.ToolTipRole)
+        box.blockSignals(False)
+        self._update_send_enabled()
+
     def select_model(self, spec: str) -> bool:
         i = self.model_selector.findData(spec)
         if i >= 0:

@@ -23,14 +23,14 @@ from .menus import build_menus
 from .model_cache import make_model_cache
 from .monitor import MonitorPanel
 from .paths import make_settings
-from .runs_controller import RunsController, chat_models
+from .runs_controller import ModelEntry, RunsController, chat_models
 from .training_controller import TrainingController
 from .workers import ThreadPool, plain_error
 
 CHOOSE_FOLDER = "__choose__"
 
 class MainWindow(QMainWindow):
-    trainingFinished = Signal(str)   # the run folder (sent once the chat has switched to the tuned model)
+    trainingFinished = Signal(str)   # the run folder (sent once the chat talks to the tuned model)
     replyFinished = Signal(str)      # the reply text
 
     def __init__(self, base_model=None, parent=None):
@@ -49,7 +49,7 @@ class MainWindow(QMainWindow):
         self._base_ok = False
         self._pending_run = False
         self._opened_run: str | None = None
-        self._finished_event = None       # a finished run waiting for the run list to show it
+        self._select_after_listing: str | None = None   # a finished run to select in the history
         self.training = TrainingController(self.pool, self)
         self.runs = RunsController(self.pool, self.cache, self)
         self.data = DataController(self.pool, self)
@@ -503,22 +503,24 @@ class MainWindow(QMainWindow):
         self.data_panel.show_ended(e)
         if isinstance(e, ev.RunFinished):
             self.cache.drop(e.run_dir)
-            self._finished_event = e      # announced once the run list shows its model
+            self._switch_chat_to(e)
         elif isinstance(e, ev.RunFailed):
             self.show_error(f"Training failed: {e.reason}")
         elif not isinstance(e, ev.RunStopped) and not self.error_banner.isVisible():
             self.show_error("Training ended without finishing.")
         self.refresh_runs()
         self._update_run_enabled()
+        if isinstance(e, ev.RunFinished):
+            self.trainingFinished.emit(e.run_dir)
 
-    def _announce_finished(self) -> None:
-        e, self._finished_event = self._finished_event, None
-        if e is None:
-            return
+    def _switch_chat_to(self, e) -> None:
+        """The chat talks to the tuned model at once (the run list that follows adds the rest)."""
+        details = self.training.details
         model_dir = e.model_dir or str(Path(e.run_dir) / "model")
+        self.chat.add_model(ModelEntry(f"{bridge.run_title(e.run_dir, details)} (tuned)", model_dir, e.run_dir,
+                                       str(details.get("system_prompt") or "")))
         self.chat.select_model(model_dir)
-        self.history.select_run(e.run_dir)
-        self.trainingFinished.emit(e.run_dir)
+        self._select_after_listing = e.run_dir
 
     # ================================================================== runs and models
     def refresh_runs(self) -> None:
@@ -529,11 +531,12 @@ class MainWindow(QMainWindow):
         self.history.set_runs(entries)
         self._fill_base_box()
         self.refresh_models()
-        self._announce_finished()
+        if self._select_after_listing:
+            self.history.select_run(self._select_after_listing)
+            self._select_after_listing = None
 
     def _on_runs_failed(self, message: str) -> None:
         self.show_error(message)
-        self._announce_finished()
 
     def refresh_models(self) -> None:
         base = self.base_model_path if self.base_ok() else None

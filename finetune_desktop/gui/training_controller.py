@@ -3,7 +3,8 @@
 The controller owns the TrainControl (the loop's stop / pause flags) and the TrainWorker (the
 loop on its own thread) and re-emits the worker's signals on the GUI thread, so the window only
 connects views to this object. `ended` comes once the training thread has finished, with the
-run's last event (RunFinished / RunStopped / RunFailed, or None when the run never started)."""
+run's last event (RunFinished / RunStopped / RunFailed, or None when the run never started);
+by then `details` holds the run's run.json as the loop left it (read on the training thread)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 from PySide6.QtCore import QObject, Signal
 
 from . import bridge
-from .workers import RunHistory, TrainWorker
+from .workers import RunDetails, RunHistory, TrainWorker
 
 
 class TrainingController(QObject):
@@ -35,6 +36,7 @@ class TrainingController(QObject):
         self.worker: TrainWorker | None = None
         self.run_dir: str | None = None
         self.last_speed = 0.0              # tokens/s of the latest step
+        self.details: dict = {}            # run.json of the last run, read after its loop ended
         self._last_event = None
 
     # ------------------------------------------------------------------ state
@@ -75,9 +77,22 @@ class TrainingController(QObject):
         self.control = bridge.make_control()
         self.run_dir = run_dir
         self._last_event = None
-        w = TrainWorker(fn, self.control)
+        self.details = {}
+
+        def run_then_read_details(on_event, control):
+            try:
+                fn(on_event, control)
+            finally:
+                try:
+                    info = bridge.read_run_info(run_dir)
+                except Exception:  # noqa: BLE001 - no run folder (it never started)
+                    info = {}
+                on_event(RunDetails(info))
+
+        w = TrainWorker(run_then_read_details, self.control)
         w.runStarted.connect(self._on_run_started)
         w.historyReady.connect(self.historyReady)
+        w.detailsReady.connect(self._on_details)
         w.stepsReady.connect(self._on_steps)
         w.evalReady.connect(self.evalReady)
         w.snapshotReady.connect(self.snapshotReady)
@@ -129,6 +144,9 @@ class TrainingController(QObject):
         if metrics:
             self.last_speed = float(metrics[-1].tokens_per_s or 0.0)
         self.stepsReady.emit(metrics)
+
+    def _on_details(self, info) -> None:
+        self.details = dict(info)
 
     def _on_run_ended(self, e) -> None:
         self._last_event = e

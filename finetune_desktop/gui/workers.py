@@ -204,6 +204,12 @@ class RunHistory:
     rows: tuple
 
 
+@dataclass(frozen=True)
+class RunDetails:
+    """Not a loop event: the run's run.json, read on the training thread after the loop ended."""
+    info: dict
+
+
 class TrainWorker(QObject):
     """Runs the training loop (a plain function) and turns its events into throttled signals."""
 
@@ -215,6 +221,7 @@ class TrainWorker(QObject):
     checkpointSaved = Signal(object)   # CheckpointSaved
     paused = Signal(object)            # RunPaused: the loop waits (every step before it is flushed)
     historyReady = Signal(object)      # list[dict]: a resumed run's saved metrics (before runStarted)
+    detailsReady = Signal(object)      # dict: the run's run.json after the loop ended (before finished)
     runEnded = Signal(object)          # RunFinished | RunStopped | RunFailed
     error = Signal(str)                # an exception the loop did not turn into RunFailed
     finished = Signal()
@@ -271,6 +278,8 @@ class TrainWorker(QObject):
                 self.paused.emit(e)
             elif isinstance(e, RunHistory):
                 self.historyReady.emit(e.rows)
+            elif isinstance(e, RunDetails):
+                self.detailsReady.emit(e.info)
             elif isinstance(e, (ev.RunFinished, ev.RunStopped, ev.RunFailed)):
                 self.ended = e
                 self.runEnded.emit(e)
