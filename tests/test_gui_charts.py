@@ -50,11 +50,14 @@ def test_loss_chart_keeps_its_view_while_a_run_draws(qtbot):
         p.add_steps(_steps(6 + 10 * k, 10, 200))
         p.redraw()
         p.grab()                                # paint
-        assert vb.viewRange() == first
+        assert vb.viewRange()[0] == first[0]    # x: the whole run, all along
+    moved = p.chart.view_fit.changes - moves
     assert vb.state["autoRange"] == [False, False]
-    assert p.chart.view_fit.changes == moves
-    assert specs.n == 0, "the loss axis relaid out its tick labels while the view did not move"
-    assert first[0] == [0.0, 200.0]             # x: the whole run
+    assert moved <= 2, "the view followed the falling loss point by point"
+    assert specs.n <= moved, "the loss axis relaid out its tick labels while the view did not move"
+    assert first[0] == [0.0, 200.0]
+    lo, hi = vb.viewRange()[1]
+    assert 0 <= lo <= p.steps.view("loss").min() and hi >= p.steps.view("loss").max()
     assert p.chart.point_count() == 105
     # a loss above the view grows it once (with headroom), then it is stable again
     spike = _steps(106, 1, 200, loss0=30.0)

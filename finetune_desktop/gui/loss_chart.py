@@ -3,9 +3,9 @@ accuracy (right axis) and the learning rate in a small linked chart below.
 
 Points go into preallocated buffers when they arrive; a QTimer redraws at most 10 times a
 second, only when something changed and the chart is on screen. The view ranges are fixed
-while a run draws (x: 0 .. the run's total steps, known from RunStarted; y: 0 .. the highest loss
-with headroom, grown only when a loss goes above it), so the axes are not recomputed, relaid out
-and repainted for every point: a redraw repaints the curves. Clip-to-view and peak
+while a run draws (x: 0 .. the run's total steps, known from RunStarted; y: from well below the
+lowest loss to 10% above the highest, moved only when a loss leaves it), so the axes are not
+recomputed, relaid out and repainted for every point: a redraw repaints the curves. Clip-to-view and peak
 downsampling keep 100,000 points smooth."""
 from __future__ import annotations
 
@@ -114,7 +114,8 @@ class LossPanel(QWidget):
         self._last_epoch_int = 0
         self._dirty = False
         self._overlay_i = 0
-        self._top = float("nan")          # highest loss so far (train, validation, overlays)
+        self._top = float("nan")          # highest loss so far (train, validation)
+        self._bottom = float("nan")       # lowest loss so far
         self._total_steps = 0             # the run's planned steps (0 = not known)
         # started by new data, single shot: at most 10 redraws a second, no wake-ups while idle
         self.timer = QTimer(self)
@@ -226,7 +227,7 @@ class LossPanel(QWidget):
         self.evals.clear()
         self._ema = EmaState(self._smooth_weight())
         self._last_epoch_int = 0
-        self._top = float("nan")
+        self._top = self._bottom = float("nan")
         self._total_steps = 0
         self.chart.clear_epoch_lines()
         self.chart.view_fit.reset()
@@ -253,6 +254,7 @@ class LossPanel(QWidget):
         self.evals.append_rows({"step": [ev.step], "epoch": [ev.epoch], "valid_loss": [ev.valid_loss],
                                 "valid_acc": [ev.valid_token_accuracy]})
         self._top = _nanmax(self._top, ev.valid_loss)
+        self._bottom = _nanmin(self._bottom, ev.valid_loss)
         self._changed()
 
     def load_rows(self, rows: list[dict]) -> None:
@@ -269,7 +271,8 @@ class LossPanel(QWidget):
                                     "epoch": [_num(r.get("epoch")) for r in evals],
                                     "valid_loss": [_num(r["valid_loss"]) for r in evals],
                                     "valid_acc": [_num(r.get("valid_token_accuracy")) for r in evals]})
-            self._top = _nanmax(self._top, finite_min_max(self.evals.view("valid_loss"))[1])
+            lo, hi = finite_min_max(self.evals.view("valid_loss"))
+            self._top, self._bottom = _nanmax(self._top, hi), _nanmin(self._bottom, lo)
         lr_top = finite_min_max(self.steps.view("lr"))[1]
         if lr_top == lr_top and lr_top > 0:
             self._set_lr_ticks(lr_top)
@@ -281,7 +284,8 @@ class LossPanel(QWidget):
         smooth = self._ema.push(loss_arr)
         self.steps.append_rows({"step": step, "epoch": epoch, "loss": loss_arr, "smooth": smooth, "acc": acc,
                                 "lr": lr, "grad_norm": gn, "tps": tps})
-        self._top = _nanmax(self._top, finite_min_max(loss_arr)[1])
+        lo, hi = finite_min_max(loss_arr)
+        self._top, self._bottom = _nanmax(self._top, hi), _nanmin(self._bottom, lo)
         for s, e in zip(step, epoch):
             if e is None or e != e:
                 continue
@@ -304,7 +308,7 @@ class LossPanel(QWidget):
         self.remove_overlay(name)
         item = self.chart.getPlotItem().plot(x, ys, pen=pg.mkPen(colour, width=1.5, style=Qt.PenStyle.DashLine))
         item.colour = colour
-        item.extent = (float(x.max()), finite_min_max(ys)[1])   # last step, top loss
+        item.extent = (float(x.max()), *finite_min_max(ys))   # last step, lowest and highest loss
         item.setClipToView(True)
         item.setDownsampling(auto=True, method="peak")
         self.chart.overlays[name] = item
@@ -358,9 +362,23 @@ class LossPanel(QWidget):
         if last > (fit.x.hi or 0.0):
             # no planned total (a saved run, overlays) or more steps than planned
             fit.fix_x(0.0, float(max(self._total_steps, last)))
-        top = _nanmax(self._top, *[e[1] for e in extents])
+        top = _nanmax(self._top, *[e[2] for e in extents])
+        bottom = _nanmin(self._bottom, *[e[1] for e in extents])
         if top == top:
-            fit.fit(y_lo=0.0, y_hi=float(top))
+            self._fit_y(bottom, top)
+
+    def _fit_y(self, bottom: float, top: float) -> None:
+        """y: up to 10% above the highest loss; down to well below the lowest, so a falling loss
+        moves the view a few times a run, not at every new low (and never below 0)."""
+        fit = self.chart.view_fit
+        lo, hi = fit.y.lo, fit.y.hi
+        if hi is not None and lo <= bottom and top <= hi:
+            return
+        if hi is None or top > hi:
+            hi = top * 1.1
+        if lo is None or bottom < lo:
+            lo = max(0.0, min(bottom - 0.5 * (top - bottom), 0.6 * top))
+        fit.apply(None, fit.y.fixed(lo, hi))
 
     def _set_lr_ticks(self, peak: float) -> None:
         if self._peak_lr == peak:
@@ -458,6 +476,12 @@ class LossPanel(QWidget):
             win = self.window()
             if hasattr(win, "show_error"):
                 win.show_error(f"Could not save {path}: {e.strerror or e}")
+
+
+def _nanmin(*values) -> float:
+    """The smallest value that is not NaN (NaN when there is none)."""
+    good = [float(v) for v in values if v is not None and v == v]
+    return min(good) if good else float("nan")
 
 
 def _nanmax(*values) -> float:

@@ -32,6 +32,7 @@ class MonitorPanel(QWidget):
         self.tabs.setObjectName("centreTabs")
         self.tabs.setDocumentMode(True)
         self.tabs.addTab(self.weights_view, "Weights && biases")
+        self.weights_view.title_label.hide()        # the tab says it
         self.splitter = QSplitter(Qt.Orientation.Vertical)
         self.splitter.setObjectName("centreSplitter")
         self.splitter.addWidget(top)

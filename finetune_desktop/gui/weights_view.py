@@ -104,7 +104,8 @@ class WeightsView(QWidget):
 
         row = QHBoxLayout()
         row.setContentsMargins(0, 0, 0, 0)
-        row.addWidget(QLabel("<b>Weights &amp; biases</b>"))
+        self.title_label = QLabel("<b>Weights &amp; biases</b>")
+        row.addWidget(self.title_label)
         row.addWidget(self.layer_box)
         row.addWidget(self.proj_box)
         row.addWidget(self.mode_delta)
