@@ -187,3 +187,23 @@ def test_a_checkpoint_that_does_not_fit_its_base_model_is_a_clear_error(tmp_path
     update_run_json(run, base_model={"path": str(other)})
     with pytest.raises(UserError, match="wrong shape"):
         bridge.load_checkpoint_model(run, ckpt)
+
+
+def test_chart_exports_from_the_menu_are_written_on_a_worker(window, qtbot, monkeypatch, tmp_path):
+    from PySide6.QtWidgets import QFileDialog
+
+    from finetune_desktop.gui import loss_chart
+    from finetune_desktop.training.events import PhaseTimes, StepMetrics
+    csv_writes = _threads_of(monkeypatch, loss_chart, "_write_csv")
+    png_writes = _threads_of(monkeypatch, loss_chart, "_save_image")
+    w = window
+    w.loss_panel.add_steps([StepMetrics(step=s, epoch=s / 10, train_loss=2.0 / s, train_token_accuracy=0.5, lr=1e-3,
+                                        grad_norm=1.0, tokens_per_s=10.0, elapsed_s=s, eta_s=1.0, total_steps=20,
+                                        phases=PhaseTimes(1, 1, 1, 1)) for s in range(1, 21)])
+    for name, dialog in (("loss.csv", w.loss_panel.export_csv_dialog), ("loss.png", w.loss_panel.export_png_dialog)):
+        monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a, n=name: (str(tmp_path / n), "")))
+        dialog()
+        qtbot.waitUntil(lambda n=name: (tmp_path / n).exists(), timeout=10_000)
+    assert csv_writes == [False] and png_writes == [False], "a chart export was written on the GUI thread"
+    assert len((tmp_path / "loss.csv").read_text(encoding="utf-8").splitlines()) == 21
+    assert (tmp_path / "loss.png").stat().st_size > 1000

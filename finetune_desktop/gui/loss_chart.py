@@ -429,53 +429,95 @@ class LossPanel(QWidget):
 
     # ------------------------------------------------------------------ export
     def export_png(self, path: str) -> None:
+        """Render on this (GUI) thread, write the file now (export_png_dialog writes on a worker)."""
+        _save_image(self._render_image(), path)
+
+    def _render_image(self):
         self.redraw()
-        if not self.grab().save(path, "PNG"):
-            raise OSError(f"could not write {path}")
+        return self.grab().toImage()     # a QImage may be saved on another thread, a QPixmap may not
 
     def export_csv(self, path: str) -> None:
-        import os
-        import tempfile
-        from pathlib import Path
-        p = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=p.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-                w = csv.writer(f)
-                w.writerow(["kind", "step", "epoch", "train_loss", "train_loss_smoothed", "train_token_accuracy",
-                            "lr", "grad_norm", "tokens_per_s", "valid_loss", "valid_token_accuracy"])
-                for i in range(self.steps.n):
-                    v = [self.steps.view(k)[i] for k in STEP_COLS]
-                    w.writerow(["train", int(v[0]), _fmt(v[1]), _fmt(v[2]), _fmt(v[3]), _fmt(v[4]), _fmt(v[5]),
-                                _fmt(v[6]), _fmt(v[7]), "", ""])
-                for i in range(self.evals.n):
-                    v = [self.evals.view(k)[i] for k in EVAL_COLS]
-                    w.writerow(["valid", int(v[0]), _fmt(v[1]), "", "", "", "", "", "", _fmt(v[2]), _fmt(v[3])])
-            os.replace(tmp, p)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        """Every point as CSV, written now (export_csv_dialog writes on a worker)."""
+        _write_csv(path, self._columns())
+
+    def _columns(self) -> tuple:
+        """Copies of the chart's data, safe to hand to another thread."""
+        return ({k: self.steps.view(k).copy() for k in STEP_COLS}, {k: self.evals.view(k).copy() for k in EVAL_COLS})
+
+    def set_pool(self, pool) -> None:
+        """Where the export dialogs write their files (a workers.ThreadPool); None = right away."""
+        self._pool = pool
 
     def export_png_dialog(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Save chart as picture", "loss.png", "PNG image (*.png)")
         if path:
-            self._guarded(self.export_png, path)
+            self._export(_save_image, self._render_image(), path)
 
     def export_csv_dialog(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Save chart data", "loss.csv", "CSV file (*.csv)")
         if path:
-            self._guarded(self.export_csv, path)
+            self._export(_write_csv, path, self._columns())
 
-    def _guarded(self, fn, path) -> None:
+    def _export(self, fn, *args) -> None:
+        path = next(a for a in args if isinstance(a, str))
+        pool = getattr(self, "_pool", None)
+        if pool is None:
+            try:
+                fn(*args)
+            except OSError as e:
+                self._export_failed(path, e.strerror or str(e))
+            return
+        from .workers import start_job
+        start_job(pool, fn, *args, on_error=lambda m: self._export_failed(path, m), name="export-chart")
+
+    def _export_failed(self, path: str, message: str) -> None:
+        win = self.window()
+        if hasattr(win, "show_error"):
+            win.show_error(f"Could not save {path}: {message}")
+
+
+def _save_image(image, path: str) -> str:
+    """Atomically (temp file, then rename): a half-written picture never has the final name."""
+    import os
+    tmp = f"{path}.{os.getpid()}.tmp"
+    if not image.save(tmp, "PNG"):
         try:
-            fn(path)
-        except OSError as e:
-            win = self.window()
-            if hasattr(win, "show_error"):
-                win.show_error(f"Could not save {path}: {e.strerror or e}")
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise OSError(f"could not write {path}")
+    os.replace(tmp, path)
+    return path
+
+
+def _write_csv(path: str, columns: tuple) -> str:
+    """Atomically (temp file, then rename)."""
+    import os
+    import tempfile
+    from pathlib import Path
+    steps, evals = columns
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=p.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["kind", "step", "epoch", "train_loss", "train_loss_smoothed", "train_token_accuracy",
+                        "lr", "grad_norm", "tokens_per_s", "valid_loss", "valid_token_accuracy"])
+            for i in range(len(steps["step"])):
+                v = [steps[k][i] for k in STEP_COLS]
+                w.writerow(["train", int(v[0]), _fmt(v[1]), _fmt(v[2]), _fmt(v[3]), _fmt(v[4]), _fmt(v[5]),
+                            _fmt(v[6]), _fmt(v[7]), "", ""])
+            for i in range(len(evals["step"])):
+                v = [evals[k][i] for k in EVAL_COLS]
+                w.writerow(["valid", int(v[0]), _fmt(v[1]), "", "", "", "", "", "", _fmt(v[2]), _fmt(v[3])])
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return str(p)
 
 
 def _nanmin(*values) -> float:

@@ -102,6 +102,7 @@ class MainWindow(QMainWindow):
         self.loss_panel, self.phase_strip = self.monitor.loss_panel, self.monitor.phase_strip
         self.weights_view = self.monitor.weights_view
         self.loss_chart = self.loss_panel.chart
+        self.loss_panel.set_pool(self.pool)     # chart exports are written on a worker
         self.chat = ChatPanel(self.pool, self.cache)
         self.chat.setMinimumWidth(280)
 
