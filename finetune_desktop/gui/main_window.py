@@ -29,6 +29,7 @@ from .workers import ThreadPool, plain_error
 
 CHOOSE_FOLDER = "__choose__"
 
+
 class MainWindow(QMainWindow):
     trainingFinished = Signal(str)   # the run folder (sent once the chat talks to the tuned model)
     replyFinished = Signal(str)      # the reply text
