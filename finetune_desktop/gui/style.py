@@ -101,3 +101,5 @@ def cache_axes(*plot_items) -> None:
             items.append(pi.titleLabel)
         for it in items:
             it.setCacheMode(QGraphicsItem.CacheMode.DeviceCoordinateCache)
+            if hasattr(it, "enableAutoSIPrefix"):
+                it.enableAutoSIPrefix(False)   # no label relayout when the range's magnitude changes

@@ -1,7 +1,9 @@
-"""Worker objects that run slow work off the GUI thread, wired as in DESIGN.md:
+"""Worker objects that run slow work off the GUI thread:
 
     worker.moveToThread(thread); thread.started -> worker.run; worker.finished -> thread.quit;
-    deleteLater on both.
+    the ThreadPool keeps both until the thread has ended (see ThreadPool). start_job(pool, fn,
+    *args, on_result=..., on_error=...) runs one function on a worker with callbacks on the GUI
+    thread: the way the controllers read and write files.
 
 The training worker adapts the plain training loop's callbacks to Qt signals. The loop calls
 `on_event` on the training thread; the worker keeps step metrics in a list and only the
