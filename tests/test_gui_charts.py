@@ -126,3 +126,21 @@ def test_weights_view_draws_a_few_times_a_second_and_not_when_hidden(qtbot, tmp_
     v.show()
     qtbot.waitUntil(lambda: len(drawn) > n, timeout=5_000)   # drawn once it is visible again
     assert v.hist_plot.vb.state["autoRange"] == [False, False]
+
+
+def test_lr_strip_follows_at_most_once_a_second_and_catches_up_at_the_end(qtbot):
+    from finetune_desktop.gui.loss_chart import LossPanel
+    p = LossPanel()
+    qtbot.addWidget(p)
+    p.show()
+    p.begin_run(total_steps=100, peak_lr=1e-3)
+    p.add_steps(_steps(1, 10, 100))
+    p.redraw(live=True)
+    drawn = len(p.lr_curve.getData()[0])
+    assert drawn == 10
+    p.add_steps(_steps(11, 10, 100))
+    p.redraw(live=True)                           # right after: the loss follows, the LR strip not yet
+    assert p.chart.point_count() == 20
+    assert len(p.lr_curve.getData()[0]) == drawn
+    p.redraw()                                    # a pause or the end: everything
+    assert len(p.lr_curve.getData()[0]) == 20

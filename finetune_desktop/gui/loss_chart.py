@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import time
 
 import numpy as np
 import pyqtgraph as pg
@@ -22,6 +23,7 @@ from . import style
 from .buffers import EmaState, Series
 from .ranges import StableRange, ViewFit, finite_min_max
 
+LR_STRIP_INTERVAL_S = 1.0   # the learning-rate strip redraws at most this often during a run
 STEP_COLS = ("step", "epoch", "loss", "smooth", "acc", "lr", "grad_norm", "tps")
 EVAL_COLS = ("step", "epoch", "valid_loss", "valid_acc")
 
@@ -106,6 +108,8 @@ class LossPanel(QWidget):
         super().__init__(parent)
         self.chart = LossChart(self)
         self._peak_lr = float("nan")
+        self._lr_drawn_at = -1e9
+        self._lr_stale = False
         self._build_lr_chart()
         self._build_controls()
         self.steps = Series(STEP_COLS)
@@ -335,24 +339,30 @@ class LossPanel(QWidget):
         if not self._dirty:
             return
         if self.isVisible() and not self.window().isMinimized():
-            self.redraw()
+            self.redraw(live=True)
         else:
             self.timer.start(500)    # not on screen: look again later, draw nothing now
 
-    def redraw(self) -> None:
-        """Draw what arrived since the last redraw (now, whether or not the timer is due)."""
-        if not self._dirty:
-            return
-        self._dirty = False
+    def redraw(self, live: bool = False) -> None:
+        """Draw what arrived since the last redraw (now, whether or not the timer is due). live:
+        called by the timer during a run (the LR strip then follows at most once a second)."""
         s = self.steps
         x = s.view("step")
-        self.chart.raw_curve.setData(x, s.view("loss"), connect="finite")
-        self.chart.smooth_curve.setData(x, s.view("smooth"), connect="finite")
-        self.chart.acc_curve.setData(x, s.view("acc"), connect="finite")
-        self.lr_curve.setData(x, s.view("lr"), connect="finite")
-        self.chart.valid_curve.setData(self.evals.view("step"), self.evals.view("valid_loss"), connect="finite")
-        self._fit_view()
-        self.redrawn.emit()
+        now = time.monotonic()
+        if self._dirty:
+            self._dirty = False
+            self.chart.raw_curve.setData(x, s.view("loss"), connect="finite")
+            self.chart.smooth_curve.setData(x, s.view("smooth"), connect="finite")
+            self.chart.acc_curve.setData(x, s.view("acc"), connect="finite")
+            self.chart.valid_curve.setData(self.evals.view("step"), self.evals.view("valid_loss"), connect="finite")
+            self._lr_stale = True
+            self._fit_view()
+            self.redrawn.emit()
+        if self._lr_stale and (not live or now - self._lr_drawn_at >= LR_STRIP_INTERVAL_S):
+            # the schedule is known in advance: during a run the strip does not need every step
+            self._lr_stale = False
+            self._lr_drawn_at = now
+            self.lr_curve.setData(x, s.view("lr"), connect="finite")
 
     def _fit_view(self) -> None:
         """Move the view only when the data left it (see the module's docstring)."""
