@@ -56,6 +56,7 @@ class Session:
         self.ticks: list[tuple[float, float]] = []   # (time, gap ms)
         self.marks: dict[str, float] = {}
         self._last = time.perf_counter()
+        self.trace_ms = float(os.environ.get("GUI_LATENCY_TRACE", "0") or 0)   # print gaps above this many ms
         self.timer = QTimer()
         self.timer.setInterval(interval_ms)
         self.timer.setTimerType(self.timer.timerType().PreciseTimer)
@@ -64,7 +65,7 @@ class Session:
     def _tick(self) -> None:
         now = time.perf_counter()
         self.ticks.append((now, (now - self._last) * 1000.0))
-        trace = float(os.environ.get("GUI_LATENCY_TRACE", "0") or 0)   # print gaps above this many ms
+        trace = self.trace_ms
         if trace and self.ticks[-1][1] > trace:
             print(f"  gap {self.ticks[-1][1]:.0f} ms at {now - self.marks.get('start', now):.2f} s "
                   f"(last mark: {max(self.marks, key=self.marks.get)})", flush=True)
