@@ -55,6 +55,7 @@ def test_enter_sends_and_reply_arrives(window, qtbot):
     assert w.chat.transcript.messages[-1]["content"] == reply
     assert inp.toPlainText() == ""
     saved = Path(os.environ["FINETUNE_DESKTOP_HOME"]) / "chats" / "base.jsonl"
+    qtbot.waitUntil(lambda: saved.exists(), timeout=10_000)    # appended on a worker thread
     rec = json.loads(saved.read_text(encoding="utf-8").splitlines()[-1])
     assert rec["user"] == "안녕하세요 captain" and rec["assistant"] == reply
     # the same seed and settings give the same reply
@@ -98,3 +99,30 @@ def test_model_error_is_shown_not_raised(window, qtbot, tmp_path):
     assert "Chat:" in w.error_label.text()
     assert "No reply" in w.chat.transcript.toPlainText()
     assert w.chat.history == []
+
+
+def test_streamed_reply_updates_only_the_last_bubble(qtbot):
+    """Each streamed piece replaces the last bubble instead of rebuilding the whole transcript
+    (which grew with the chat's length); the result looks the same as a full render."""
+    from finetune_desktop.gui.chat_panel import ChatTranscript
+    t = ChatTranscript()
+    qtbot.addWidget(t)
+    t.resize(400, 300)
+    t.show()
+    for i in range(30):
+        t.add("user", f"question {i}")
+        t.add("assistant", f"answer {i}\nwith two lines")
+    t.add("assistant", "")
+    full_renders = []
+    real = t.setHtml
+    t.setHtml = lambda h: (full_renders.append(1), real(h))
+    for k in range(20):
+        t.update_last("Arr " * k + "\nmatey", note="0.5 s" if k == 19 else None)
+    assert not full_renders, "a streamed piece re-rendered the whole transcript"
+    streamed_text, streamed = t.toPlainText(), t.grab().toImage()
+    t.setHtml = real
+    t.set_title("x")
+    t.set_title("")                                  # a full render of the same messages
+    assert t.toPlainText() == streamed_text
+    assert t.grab().toImage() == streamed
+    assert streamed_text.rstrip().endswith("matey\n0.5 s")

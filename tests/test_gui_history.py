@@ -41,6 +41,7 @@ def window(qtbot, tiny_model, earlier_run):
     w.confirm_close = False
     qtbot.addWidget(w)
     w.show()
+    qtbot.waitUntil(lambda: w.runs.loaded, timeout=10_000)   # runs are listed on a worker
     yield w
     assert w.shutdown(timeout_s=30)
     assert not w.running_threads(), "a test left a thread running"
@@ -53,7 +54,7 @@ def test_reopen_rename_overlay_chat_export_delete(window, qtbot, earlier_run, ti
     assert str(earlier_run) in paths
     # reopen: the chart shows the saved curve, the chat talks to that run's model
     w.open_run(str(earlier_run))
-    assert w.loss_chart.point_count() > 0
+    qtbot.waitUntil(lambda: w.loss_chart.point_count() > 0, timeout=10_000)
     assert w.loss_panel.evals.n > 0
     assert w.chat.current_spec() == str(earlier_run / "model")
     # the selector also offers the base model and the run's checkpoint
@@ -69,16 +70,17 @@ def test_reopen_rename_overlay_chat_export_delete(window, qtbot, earlier_run, ti
         assert w.chat.send("Ahoy?")
     qtbot.waitUntil(lambda: not w.chat.is_generating(), timeout=10_000)
     assert not w.error_banner.isVisible(), w.error_label.text()
+    qtbot.waitUntil(lambda: (earlier_run / "chats.jsonl").exists(), timeout=10_000)   # appended on a worker
     saved = (earlier_run / "chats.jsonl").read_text(encoding="utf-8").splitlines()
     assert json.loads(saved[-1])["user"] == "Ahoy?"
     # rename (kept in run.json; the folder stays where it is)
     from finetune_desktop.gui import bridge
     bridge.set_run_title(str(earlier_run), "Pirate v1")
     w.refresh_runs()
-    assert w.history.table.item(0, 1).text() == "Pirate v1"
+    qtbot.waitUntil(lambda: w.history.table.item(0, 1).text() == "Pirate v1", timeout=10_000)
     # overlay its curve for comparison
     w.history.table.item(0, 0).setCheckState(w.history.table.item(0, 0).checkState().Checked)
-    assert "Pirate v1" in w.loss_chart.overlays
+    qtbot.waitUntil(lambda: "Pirate v1" in w.loss_chart.overlays, timeout=10_000)
     # export the merged model and the PEFT adapter (worker threads, atomic copies)
     w.export_model(str(earlier_run), adapter=False, dest=str(tmp_path / "exported-model"))
     w.export_model(str(earlier_run), adapter=True, dest=str(tmp_path / "exported-adapter"))
@@ -89,8 +91,8 @@ def test_reopen_rename_overlay_chat_export_delete(window, qtbot, earlier_run, ti
     Model.from_pretrained(tmp_path / "exported-model")
     # delete
     w.delete_run(str(earlier_run), confirm=False)
+    qtbot.waitUntil(lambda: str(earlier_run) not in [r.path for r in w.history.runs], timeout=10_000)
     assert not earlier_run.exists()
-    assert str(earlier_run) not in [r.path for r in w.history.runs]
     assert all(not str(w.chat.model_selector.itemData(i)).startswith(f"checkpoint::{earlier_run}")
                for i in range(w.chat.model_selector.count()))
 
@@ -100,8 +102,9 @@ def test_previous_run_as_base_model(window, earlier_run):
     box = w.data_panel.base_box
     specs = [box.itemData(i) for i in range(box.count())]
     assert str(earlier_run / "model") in specs
-    box.setCurrentIndex(specs.index(str(earlier_run / "model")))
-    w._base_box_changed()
+    i = specs.index(str(earlier_run / "model"))
+    box.setCurrentIndex(i)
+    box.activated.emit(i)                    # what choosing it with the mouse sends
     assert w.base_model_path == str(earlier_run / "model")
     assert w.base_ok()
     assert not w.banner.isVisible()

@@ -58,6 +58,11 @@ def drop_file(widget, path):
     return ev
 
 
+def wait_checked(qtbot, w, timeout=60_000):
+    """The file is checked on a worker thread: wait for the drop zone to show the result."""
+    qtbot.waitUntil(lambda: w.drop_zone.property("state") in ("ok", "bad"), timeout=timeout)
+
+
 def find(w, cls, name):
     obj = w.findChild(cls, name)
     assert obj is not None, f"no {cls.__name__} named {name}"
@@ -80,16 +85,22 @@ def test_object_names_exist(window):
 def test_drop_run_finish_then_chat_and_compare(window, qtbot):
     w = window
     drop_file(find(w, QWidget, "dataDropZone"), SAMPLE)
+    wait_checked(qtbot, w)
     run = find(w, QPushButton, "runButton")
     assert run.isEnabled(), w.data_panel.drop_zone.detail.text()
     assert w.data_panel.preview.rowCount() > 0
     find(w, QSpinBox, "epochsSpinBox").setValue(1)
     w.data_panel.batch.setValue(16)
+    at_finish = []     # what the chat talks to when trainingFinished arrives
+    w.trainingFinished.connect(lambda _: at_finish.append((find(w, QComboBox, "modelSelector").currentData(),
+                                                           w.chat.effective_system_prompt())))
     with qtbot.waitSignal(w.trainingFinished, timeout=120_000) as blocker:
         qtbot.mouseClick(run, Qt.MouseButton.LeftButton)
         assert not run.isEnabled()
     run_dir = Path(blocker.args[0])
     assert (run_dir / "model" / "config.json").is_file()
+    system = json.loads(SAMPLE.read_text(encoding="utf-8").splitlines()[0])["messages"][0]["content"]
+    assert at_finish == [(str(run_dir / "model"), system)]
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
     qtbot.waitUntil(lambda: not w.running_threads(), timeout=10_000)
     assert w.loss_chart.point_count() > 0
@@ -115,6 +126,7 @@ def test_drop_run_finish_then_chat_and_compare(window, qtbot):
     assert w.chat.transcript.messages[-1]["content"] == reply.args[0]
     assert "Hello there, captain!" in w.chat.base_transcript.toPlainText()
     assert w.chat.base_history and w.chat.base_history[-1]["role"] == "assistant"
+    qtbot.waitUntil(lambda: (run_dir / "chats.jsonl").exists(), timeout=10_000)   # appended on a worker
     chats = (run_dir / "chats.jsonl").read_text(encoding="utf-8").splitlines()
     assert json.loads(chats[-1])["user"] == "Hello there, captain!"
     # the run is in the history and its checkpoints are in the model selector
@@ -156,6 +168,8 @@ def test_pause_resume_and_stop_mid_run(window, qtbot):
 def test_bad_file_shows_errors_and_disables_run(window, qtbot):
     w = window
     drop_file(w, BAD)                          # dropped anywhere on the window
+    wait_checked(qtbot, w)
+    assert w.drop_zone.property("state") == "bad"
     assert not w.run_button.isEnabled()
     issues = w.data_panel.issues
     assert issues.isVisible() and issues.count() > 0
@@ -164,7 +178,8 @@ def test_bad_file_shows_errors_and_disables_run(window, qtbot):
     # clicking an error shows the line it points at
     first = issues.item(0)
     issue = first.data(Qt.ItemDataRole.UserRole)
-    w.show_issue_line(issue)
+    w.show_issue_line(issue)                   # the line is read on a worker
+    qtbot.waitUntil(lambda: getattr(w, "_last_issue_dialog", None) is not None, timeout=10_000)
     box = w._last_issue_dialog
     assert f"Line {issue.line}" in box.windowTitle()
     with open(BAD, encoding="utf-8") as f:
@@ -173,7 +188,7 @@ def test_bad_file_shows_errors_and_disables_run(window, qtbot):
     box.close()
     # an unreadable path is an error in the window, not a crash
     w.load_data_file(str(BAD.parent / "does-not-exist.jsonl"))
-    assert w.error_banner.isVisible()
+    qtbot.waitUntil(lambda: w.error_banner.isVisible(), timeout=10_000)
     assert "does not exist" in w.error_label.text()
     assert not w.run_button.isEnabled()
 

@@ -35,7 +35,7 @@ def test_loss_chart_100k_points_stays_fast_and_exports(qtbot, tmp_path):
         p.add_steps(batch[i:i + 5000])
     p.add_eval(EvalMetrics(step=50_000, epoch=50.0, valid_loss=1.5, valid_token_accuracy=0.6))
     t0 = time.perf_counter()
-    p._redraw()
+    p.redraw()
     qtbot.wait(1)
     assert p.chart.point_count() == 100_000
     assert len(p.chart.epoch_lines) == 100                 # an epoch boundary every 1000 steps
@@ -46,7 +46,7 @@ def test_loss_chart_100k_points_stays_fast_and_exports(qtbot, tmp_path):
         more = _steps(100, start=100_001 + 100 * k)
         t0 = time.perf_counter()
         p.add_steps(more)
-        p._redraw()
+        p.redraw()
         times.append(time.perf_counter() - t0)
     assert min(times) < 0.1, times
     # smoothing is an EMA: smoother than the raw values

@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "docs"))
     ap.add_argument("--message", default="안녕하세요! 오늘 저녁은 뭐 먹을까요?")
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--sizes", default="1280x800,1920x1080", help="window sizes to grab, comma-separated")
     args = ap.parse_args(argv)
 
     home = tempfile.mkdtemp(prefix="ftd-shots-")
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
             time.sleep(0.02)
 
     pump(0.5)
-    w.load_data_file(args.data)
+    w.load_data_file(args.data)          # checked on a worker thread
+    wait(lambda: w.drop_zone.property("state") in ("ok", "bad"), "the file check")
     if w.report is None or not w.report.ok:
         print("error: the sample file did not validate", file=sys.stderr)
         return 1
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
     w.chat.input.setPlainText("고마워요!")   # a message being typed
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for size in ((1280, 800), (1920, 1080)):
+    for size in [tuple(int(v) for v in wh.split("x")) for wh in args.sizes.split(",")]:
         w.resize(*size)
         pump(1.0)
         path = out / f"screenshot_{size[0]}x{size[1]}.png"

@@ -1,17 +1,17 @@
-"""The GUI's only doorway into data/ and training/: validation, estimates, run folders,
-checkpoints as chat models, and starting the training loop. Widgets never import those
-packages directly, so this file is where their signatures are adapted."""
+"""The GUI's doorway into data/, training/ and engine/: validation, estimates, run folders,
+checkpoints as chat models, and starting the training loop. No Qt here, and nothing here is
+called on the GUI thread when it touches files: the controllers run those functions in workers."""
 from __future__ import annotations
 
-import json
-import math
+import itertools
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.config import ModelConfig
 from ..training.loading import base_model_dir
-from .paths import runs_dir
+from ..training.runs import RunError, runs_home
 
 
 # ----------------------------------------------------------------------------- base models
@@ -24,19 +24,13 @@ def is_model_folder(path) -> bool:
     return (p / "config.json").is_file() and (any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file())
 
 
-def describe_model_folder(path) -> str:
-    """'llama · 4 layers · 9.2M parameters' (or a reason it cannot be used)."""
-    try:
-        cfg = ModelConfig.from_json_file(Path(path) / "config.json")
-    except Exception as e:  # noqa: BLE001
-        return f"cannot read config.json: {e}"
-    n = count_params(cfg)
-    return f"{cfg.model_type} · {cfg.num_hidden_layers} layers · {_human_count(n)} parameters"
+def read_model_config(path) -> ModelConfig:
+    return ModelConfig.from_json_file(Path(path) / "config.json")
 
 
-def count_params(cfg: ModelConfig) -> int:
-    from ..engine.model import expected_shapes
-    return int(sum(math.prod(s) for s in expected_shapes(cfg).values()))
+def describe_model_config(cfg: ModelConfig) -> str:
+    """'llama · 6 layers · 3.9M parameters'."""
+    return f"{cfg.model_type} · {cfg.num_hidden_layers} layers · {human_count(cfg.num_parameters())} parameters"
 
 
 def count_lora_params(cfg: ModelConfig, rank: int, targets) -> int:
@@ -44,17 +38,35 @@ def count_lora_params(cfg: ModelConfig, rank: int, targets) -> int:
     n = 0
     for name, shape in expected_shapes(cfg).items():
         if name.endswith(".weight") and len(shape) == 2 and ".layers." in name:
-            mod = name.split(".")[-2]
-            if mod in targets:
+            if name.split(".")[-2] in targets:
                 n += rank * (shape[0] + shape[1])
     return n
 
 
-def _human_count(n: float) -> str:
+def human_count(n: float) -> str:
     for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= div:
             return f"{n / div:.1f}{unit}"
     return str(int(n))
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """What the window needs to know about a base model folder (read on a worker)."""
+    path: str
+    ok: bool
+    config: ModelConfig | None
+    description: str
+
+
+def base_info(path) -> BaseInfo:
+    if not is_model_folder(path):
+        return BaseInfo(str(path), False, None, "")
+    try:
+        cfg = read_model_config(path)
+    except Exception as e:  # noqa: BLE001 - shown as the description
+        return BaseInfo(str(path), True, None, f"cannot read config.json: {e}")
+    return BaseInfo(str(path), True, cfg, describe_model_config(cfg))
 
 
 # ----------------------------------------------------------------------------- data
@@ -63,30 +75,34 @@ def load_tokenizer(model_dir):
     return Tokenizer.from_pretrained(model_dir)
 
 
-def validate_file(path, tokenizer, max_seq_len: int, batch_size: int | None = None,
-                  tokens_per_second: float | None = None):
+def validate_file(path, tokenizer, max_seq_len: int, batch_size: int = 8, tokens_per_second: float | None = None):
     """A ValidationReport (data/ owns the rules)."""
     from ..data import validate_file as vf
-    kwargs = {}
-    import inspect
-    params = inspect.signature(vf).parameters
-    for k, v in (("max_seq_len", max_seq_len), ("batch_size", batch_size), ("tokens_per_second", tokens_per_second)):
-        if k in params and v is not None:
-            kwargs[k] = v
-    return vf(path, tokenizer, **kwargs)
+    return vf(path, tokenizer, max_seq_len=max_seq_len, batch_size=batch_size, tokens_per_second=tokens_per_second)
 
 
-def report_token_stats(report) -> tuple[int, int, int]:
-    """(examples, total tokens, longest example in tokens) from a report."""
-    ex = list(getattr(report, "examples", []) or [])
-    if ex:
-        lens = [len(e) for e in ex]
-        return len(ex), int(sum(lens)), int(max(lens))
-    st = report.stats or {}
-    n = int(st.get("examples", len(report.conversations)) or 0)
-    tot = int(st.get("tokens", st.get("total_tokens", 0)) or 0)
-    longest = int(st.get("max_tokens", st.get("longest_tokens", 0)) or 0)
-    return n, tot, longest
+@dataclass(frozen=True)
+class ReportSizes:
+    examples: int      # valid examples in the file
+    tokens: int        # tokens of all examples (before truncation)
+    longest: int       # the longest example in tokens
+
+
+def report_sizes(report) -> ReportSizes:
+    """From the report's statistics (see data/validate.py: examples, total_tokens, length_max)."""
+    st = report.stats
+    longest = st.get("length_max") if st.get("length_unit") == "tokens" else None
+    return ReportSizes(int(st.get("examples") or 0), int(st.get("total_tokens") or 0), int(longest or 0))
+
+
+def read_file_line(path, line: int, limit: int = 4000) -> str:
+    """Line `line` (1-based) of a text file, cut to `limit` characters."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            text = next(itertools.islice(f, line - 1, None), "")
+    except OSError as e:
+        return f"(cannot read the file: {e.strerror})"
+    return text[:limit] + " …" if len(text) > limit else text
 
 
 @dataclass(frozen=True)
@@ -101,27 +117,26 @@ class Estimate:
     memory_text: str
 
 
-def estimate_run(model_dir, cfg_kwargs: dict, n_examples: int, total_tokens: int, longest: int,
-                 tokens_per_second: float | None) -> Estimate:
+def estimate_run(mcfg: ModelConfig, cfg_kwargs: dict, sizes: ReportSizes, tokens_per_second: float | None) -> Estimate:
+    """Steps, time and memory of a run with these settings on a file of these sizes. Pure
+    computation (the model's config is read beforehand)."""
     from ..training.auto import resolve
     from ..training.config import TrainConfig
     from ..training.memory import estimate_peak_memory
+    from ..training.session import estimate_tokens_per_second
     tc = TrainConfig(**cfg_kwargs)
-    n_train = max(1, int(round(n_examples * (1 - tc.val_split)))) if tc.val_split > 0 else max(1, n_examples)
-    longest = max(1, min(longest or 1, tc.max_seq_len))
+    n = max(1, sizes.examples)
+    n_train = max(1, int(round(n * (1 - tc.val_split)))) if tc.val_split > 0 else n
+    longest = max(1, min(sizes.longest or 1, tc.max_seq_len))
     hp = resolve(tc, n_train, longest)
-    mcfg = ModelConfig.from_json_file(Path(model_dir) / "config.json")
-    n_params = count_params(mcfg)
+    n_params = mcfg.num_parameters()
     trainable = n_params if tc.method == "full" else count_lora_params(mcfg, tc.lora_rank, tc.lora_targets)
     mem = estimate_peak_memory(mcfg, n_params, trainable, hp.batch_size, longest, tc.method == "full")
     if not tokens_per_second:
-        # a rough CPU guess, replaced by the measured speed of this model after its first run:
-        # ~40 GFLOP/s effective (the engine does 55-80 on 2 cores in bench/engine_speed.py; short
-        # fine-tuning batches do less), 6 FLOPs per parameter per token for full fine-tuning,
-        # 4 for LoRA (frozen weights get no weight gradient)
-        flops_per_token = (6.0 if tc.method == "full" else 4.0) * max(1, n_params)
-        tokens_per_second = 40e9 / flops_per_token
-    train_tokens = total_tokens * (n_train / max(1, n_examples)) * 1.25  # padding inside batches
+        # the session's first-run guess (replaced by the measured speed after the first run);
+        # it only asks its argument for num_parameters(), which the config answers
+        tokens_per_second = estimate_tokens_per_second(mcfg, tc.method)
+    train_tokens = sizes.tokens * (n_train / n) * 1.25  # padding inside batches
     seconds = train_tokens * hp.epochs / max(1e-9, tokens_per_second)
     return Estimate(hp.epochs, hp.batch_size, hp.learning_rate, hp.total_steps, seconds, mem.total_bytes,
                     mem.fits, mem.explain())
@@ -130,23 +145,24 @@ def estimate_run(model_dir, cfg_kwargs: dict, n_examples: int, total_tokens: int
 # ----------------------------------------------------------------------------- runs
 def list_runs():
     from ..training.runs import list_runs as lr
-    return lr(runs_dir())
+    return lr(runs_home())
 
 
-def run_title(run_dir) -> str:
-    try:
-        d = json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8"))
-        t = d.get("title")
-        if isinstance(t, str) and t.strip():
-            return t.strip()
-    except (OSError, ValueError):
-        pass
+def run_title(run_dir, info: dict | None = None) -> str:
+    """The run's title from run.json (pass `info` when it is already read), else a short name."""
+    if info is None:
+        try:
+            info = read_run_info(run_dir)
+        except (RunError, OSError, ValueError):
+            info = {}
+    t = info.get("title")
+    if isinstance(t, str) and t.strip():
+        return t.strip()
     return short_run_name(Path(run_dir).name)
 
 
 def short_run_name(folder_name: str) -> str:
     """'2026-11-27_075353_pirate_captain' -> 'pirate_captain (11-27 07:53)'; other names unchanged."""
-    import re
     m = re.match(r"^\d{4}-(\d{2})-(\d{2})_(\d{2})(\d{2})\d{2}_(.+)$", folder_name)
     if not m:
         return folder_name
@@ -165,9 +181,10 @@ def read_run_info(run_dir) -> dict:
 
 
 def load_metric_rows(run_dir) -> list[dict]:
+    """metrics.jsonl of a run, train and evaluation rows, by step."""
     from ..training.runs import load_run_metrics
     m = load_run_metrics(run_dir)
-    return list(m.train) + list(m.eval)
+    return sorted(list(m.train) + list(m.eval), key=lambda r: (r.get("step") or 0))
 
 
 def checkpoints(run_dir) -> list[Path]:
@@ -182,13 +199,14 @@ def checkpoint_step(path) -> int:
         return 0
 
 
-def delete_run(run_dir) -> None:
+def delete_run(run_dir) -> str:
     p = Path(run_dir)
     if not (p / "run.json").is_file():
-        raise OSError(f"{p} is not a run folder")
+        raise RunError(f"{p} is not a run folder")
     trash = p.with_name("." + p.name + ".deleting")
     p.rename(trash)         # atomic: the run disappears from the list at once
     shutil.rmtree(trash, ignore_errors=True)
+    return str(p)
 
 
 def copy_folder(src, dst) -> str:
@@ -196,7 +214,7 @@ def copy_folder(src, dst) -> str:
     from ..engine.checkpoint import make_temp_dir_beside, replace_dir_atomically
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
-        raise OSError(f"{src} does not exist")
+        raise RunError(f"{src} does not exist")
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir_beside(dst)
     try:
@@ -210,27 +228,31 @@ def copy_folder(src, dst) -> str:
 
 
 def load_checkpoint_model(run_dir, ckpt_dir):
-    """(Model, Tokenizer) with a checkpoint's trainable tensors applied to the run's base model."""
+    """(Model, Tokenizer): the run's base model with a checkpoint's trainable tensors applied.
+    Every trainable tensor must be in the checkpoint with the right shape (as when the training
+    loop resumes); otherwise RunError says which one does not fit."""
     from ..engine import LoraConfig, Model, Tokenizer
     from ..training.config import TrainConfig
     from ..training.runs import load_checkpoint
     info = read_run_info(run_dir)
     base = (info.get("base_model") or {}).get("path")
     if not base or not Path(base).exists():
-        raise OSError(f"the base model of this run ({base}) is not available any more")
+        raise RunError(f"the base model of this run ({base}) is not available any more")
     tc = TrainConfig.from_dict(info.get("settings") or {})
     model = Model.from_pretrained(base)
-    trainable, _opt, _state = load_checkpoint(ckpt_dir)
-    if any(".lora_" in k for k in trainable):
+    saved, _opt, _state = load_checkpoint(ckpt_dir)
+    if any(".lora_" in k for k in saved):
         model.add_lora(LoraConfig(r=tc.lora_rank, alpha=tc.lora_alpha, dropout=0.0, target_modules=tc.lora_targets))
-        for k, v in trainable.items():
-            if k not in model.lora or model.lora[k].shape != v.shape:
-                raise OSError(f"{ckpt_dir}: checkpoint tensor {k} does not fit the base model")
-            model.lora[k] = v.astype(model.dtype)
-    else:
-        for k, v in trainable.items():
-            if k in model.params and model.params[k].shape == v.shape:
-                model.params[k] = v.astype(model.dtype)
+    target = model.trainable_params()
+    extra = sorted(set(saved) - set(target))
+    if extra:
+        raise RunError(f"{ckpt_dir}: checkpoint tensor {extra[0]!r} does not belong to the base model {base}")
+    for k, v in target.items():
+        if k not in saved or saved[k].shape != v.shape:
+            raise RunError(f"{ckpt_dir}: checkpoint tensor {k!r} is missing or has the wrong shape "
+                           f"for the base model {base}")
+        target[k] = saved[k].astype(v.dtype)
+    model.weights_changed()
     tok_dir = Path(run_dir) / "model" if (Path(run_dir) / "model" / "tokenizer.json").exists() else base
     return model, Tokenizer.from_pretrained(tok_dir)
 
@@ -238,7 +260,7 @@ def load_checkpoint_model(run_dir, ckpt_dir):
 # ----------------------------------------------------------------------------- training
 def new_run_dir(name_hint: str) -> Path:
     from ..training.runs import new_run_dir as nrd
-    return nrd(name_hint, home=runs_dir())
+    return nrd(name_hint, home=runs_home())
 
 
 def make_control():

@@ -41,6 +41,10 @@ class Series:
     def view(self, name: str) -> np.ndarray:
         return self._cols[name][: self.n]
 
+    def set_view(self, name: str, values) -> None:
+        """Overwrite the filled part of one column (e.g. a recomputed smoothing)."""
+        self._cols[name][: self.n] = values
+
     def last(self, name: str) -> float:
         return float(self._cols[name][self.n - 1]) if self.n else float("nan")
 

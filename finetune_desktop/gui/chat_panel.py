@@ -1,6 +1,7 @@
 """The chat pane: message bubbles, streaming replies, sampling settings, a model selector
 (base, each run, each checkpoint) and a Compare mode that sends one prompt to the base and
-the tuned model and shows both answers side by side."""
+the tuned model and shows both answers side by side. Each finished reply is appended to a
+chat log (chat_log.py) on a worker thread."""
 from __future__ import annotations
 
 import html
@@ -15,9 +16,13 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout
                                QLabel, QPlainTextEdit, QPushButton, QSizePolicy, QSpinBox, QSplitter, QTextBrowser,
                                QToolButton, QVBoxLayout, QWidget)
 
-from . import style
+from . import chat_log, style
 from ..training.chat import GenerationSettings
-from .workers import ChatSettings, GenerateWorker, GenerationJob
+from .paths import chats_dir
+from .workers import ChatSettings, GenerateWorker, GenerationJob, start_job
+
+RUN_ROLE = Qt.ItemDataRole.UserRole + 1        # model selector: the run folder ("" = not a run)
+SYSTEM_ROLE = Qt.ItemDataRole.UserRole + 2     # model selector: the run's training system prompt
 
 USER_BG, USER_FG = "#dbeafe", "#0b2b57"
 BOT_BG, BOT_FG = "#eef2f6", "#1d2733"
@@ -25,7 +30,11 @@ SYS_FG = "#6b7785"
 
 
 class ChatTranscript(QTextBrowser):
-    """Bubbles rendered as rich text. toPlainText() gives the whole conversation as text."""
+    """Bubbles rendered as rich text. toPlainText() gives the whole conversation as text.
+
+    A streamed reply only replaces the last bubble (a text cursor from where it starts to the
+    end), so each piece costs the same at the first message and the hundredth; adding a message
+    renders everything once."""
 
     def __init__(self, name: str = "chatTranscript", title: str = "", parent=None):
         super().__init__(parent)
@@ -34,8 +43,14 @@ class ChatTranscript(QTextBrowser):
         self.setAccessibleName(title or "Chat transcript")
         self.title = title
         self.messages: list[dict] = []   # {"role", "content", "note"}
+        self._last_start: int | None = None   # where the last bubble starts in the document
         self.setFont(style.app_font())
         self._render()
+
+    def set_title(self, title: str) -> None:
+        if title != self.title:
+            self.title = title
+            self._render()
 
     def add(self, role: str, content: str, note: str = "") -> None:
         self.messages.append({"role": role, "content": content, "note": note})
@@ -47,40 +62,70 @@ class ChatTranscript(QTextBrowser):
         self.messages[-1]["content"] = content
         if note is not None:
             self.messages[-1]["note"] = note
-        self._render()
+        self._render_last()
+
+    def remove_last(self) -> None:
+        if self.messages:
+            self.messages.pop()
+            self._render()
 
     def clear_messages(self) -> None:
         self.messages = []
         self._render()
 
     def _render(self) -> None:
+        """The whole transcript: every bubble but the last as one document, then the last one."""
         parts = ["<html><body style='margin:2px'>"]
         if self.title:
             parts.append(f"<p style='color:{SYS_FG}; font-size:small; margin:2px'><b>{html.escape(self.title)}</b></p>")
         if not self.messages:
             parts.append(f"<p style='color:{SYS_FG}; margin:8px'>Type a message below and press Enter.</p>")
-        for m in self.messages:
-            text = html.escape(m["content"] or "…").replace("\n", "<br>")
-            note = f"<br><span style='color:{SYS_FG}; font-size:small'>{html.escape(m['note'])}</span>" \
-                if m.get("note") else ""
-            if m["role"] == "user":
-                parts.append("<table width='100%' cellspacing='0' cellpadding='0' style='margin-top:6px'><tr>"
-                             "<td width='18%'></td>"
-                             f"<td style='background-color:{USER_BG}; color:{USER_FG}; padding:7px'>{text}</td>"
-                             "</tr></table>")
-            elif m["role"] == "note":
-                parts.append(f"<p align='center' style='color:{SYS_FG}; font-size:small; margin:6px'>{text}</p>")
-            elif m["role"] == "error":
-                parts.append(f"<p style='color:#a3261b; margin:6px'>⚠ {text}</p>")
-            else:
-                parts.append("<table width='100%' cellspacing='0' cellpadding='0' style='margin-top:6px'><tr>"
-                             f"<td style='background-color:{BOT_BG}; color:{BOT_FG}; padding:7px'>{text}{note}</td>"
-                             "<td width='18%'></td></tr></table>")
+        parts.extend(_bubble(m) for m in self.messages[:-1])
         parts.append("</body></html>")
         self.setHtml("".join(parts))
+        self._last_start = None
+        if self.messages:
+            cur = QTextCursor(self.document())
+            cur.movePosition(QTextCursor.MoveOperation.End)
+            self._last_start = cur.position()
+            cur.insertHtml(_bubble(self.messages[-1]))
+        self._scroll_to_end()
+
+    def _render_last(self) -> None:
+        if self._last_start is None:
+            self._render()
+            return
+        cur = QTextCursor(self.document())
+        cur.setPosition(self._last_start)
+        cur.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
+        cur.beginEditBlock()
+        cur.removeSelectedText()
+        cur.insertHtml(_bubble(self.messages[-1]))
+        cur.endEditBlock()
+        self._scroll_to_end()
+
+    def _scroll_to_end(self) -> None:
         self.moveCursor(QTextCursor.MoveOperation.End)
         sb = self.verticalScrollBar()
         sb.setValue(sb.maximum())
+
+
+def _bubble(m: dict) -> str:
+    text = html.escape(m["content"] or "…").replace("\n", "<br>")
+    note = f"<br><span style='color:{SYS_FG}; font-size:small'>{html.escape(m['note'])}</span>" \
+        if m.get("note") else ""
+    if m["role"] == "user":
+        return ("<table width='100%' cellspacing='0' cellpadding='0' style='margin-top:6px'><tr>"
+                "<td width='18%'></td>"
+                f"<td style='background-color:{USER_BG}; color:{USER_FG}; padding:7px'>{text}</td>"
+                "</tr></table>")
+    if m["role"] == "note":
+        return f"<p align='center' style='color:{SYS_FG}; font-size:small; margin:6px'>{text}</p>"
+    if m["role"] == "error":
+        return f"<p style='color:#a3261b; margin:6px'>⚠ {text}</p>"
+    return ("<table width='100%' cellspacing='0' cellpadding='0' style='margin-top:6px'><tr>"
+            f"<td style='background-color:{BOT_BG}; color:{BOT_FG}; padding:7px'>{text}{note}</td>"
+            "<td width='18%'></td></tr></table>")
 
 
 class ChatInput(QPlainTextEdit):
@@ -239,20 +284,39 @@ class ChatPanel(QWidget):
         self.settings_inner.setVisible(on)
 
     # ------------------------------------------------------------------ models
-    def set_models(self, entries: list[tuple[str, str, str]], keep: str | None = None) -> None:
-        """entries: (label, model spec, run_dir or ""). Keeps the current choice when possible."""
+    def set_models(self, entries, keep: str | None = None) -> None:
+        """entries: ModelEntry objects (runs_controller.py) or (label, spec, run_dir) tuples.
+        Keeps the current choice when possible."""
         want = keep if keep is not None else self.current_spec()
-        self.model_selector.blockSignals(True)
-        self.model_selector.clear()
-        for label, spec, run_dir in entries:
-            self.model_selector.addItem(label, spec)
-            self.model_selector.setItemData(self.model_selector.count() - 1, run_dir, Qt.ItemDataRole.UserRole + 1)
-            self.model_selector.setItemData(self.model_selector.count() - 1, spec, Qt.ItemDataRole.ToolTipRole)
-        i = self.model_selector.findData(want) if want else -1
-        self.model_selector.setCurrentIndex(i if i >= 0 else 0)
-        self.model_selector.blockSignals(False)
+        box = self.model_selector
+        box.blockSignals(True)
+        box.clear()
+        for e in entries:
+            label, spec, run_dir = (e.label, e.spec, e.run_dir) if hasattr(e, "spec") else tuple(e)[:3]
+            box.addItem(label, spec)
+            i = box.count() - 1
+            box.setItemData(i, run_dir, RUN_ROLE)
+            box.setItemData(i, getattr(e, "system_prompt", ""), SYSTEM_ROLE)
+            box.setItemData(i, spec, Qt.ItemDataRole.ToolTipRole)
+        i = box.findData(want) if want else -1
+        box.setCurrentIndex(i if i >= 0 else 0)
+        box.blockSignals(False)
         self._update_send_enabled()
         self._update_system_placeholder()
+
+    def add_model(self, entry) -> None:
+        """One more choice (a ModelEntry), unless its spec is listed already."""
+        box = self.model_selector
+        if box.findData(entry.spec) >= 0:
+            return
+        box.blockSignals(True)
+        box.addItem(entry.label, entry.spec)
+        i = box.count() - 1
+        box.setItemData(i, entry.run_dir, RUN_ROLE)
+        box.setItemData(i, entry.system_prompt, SYSTEM_ROLE)
+        box.setItemData(i, entry.spec, Qt.ItemDataRole.ToolTipRole)
+        box.blockSignals(False)
+        self._update_send_enabled()
 
     def select_model(self, spec: str) -> bool:
         i = self.model_selector.findData(spec)
@@ -264,7 +328,7 @@ class ChatPanel(QWidget):
         return self.model_selector.currentData()
 
     def current_run_dir(self) -> str:
-        return self.model_selector.currentData(Qt.ItemDataRole.UserRole + 1) or ""
+        return self.model_selector.currentData(RUN_ROLE) or ""
 
     def _model_changed(self) -> None:
         self._update_system_placeholder()
@@ -273,15 +337,9 @@ class ChatPanel(QWidget):
         self._update_send_enabled()
 
     def run_system_prompt(self) -> str:
-        """The system prompt the selected run was trained with (most common one in its data)."""
-        run_dir = self.current_run_dir()
-        if not run_dir:
-            return ""
-        try:
-            from .bridge import read_run_info
-            return str(read_run_info(run_dir).get("system_prompt") or "")
-        except Exception:  # noqa: BLE001
-            return ""
+        """The system prompt the selected run was trained with (most common one in its data;
+        read with the run list, not here)."""
+        return str(self.model_selector.currentData(SYSTEM_ROLE) or "")
 
     def effective_system_prompt(self) -> str:
         """What the user typed; else the run's training system prompt (the persona it learned)."""
@@ -295,8 +353,7 @@ class ChatPanel(QWidget):
 
     def _compare_toggled(self, on: bool) -> None:
         self.base_transcript.setVisible(on)
-        self.transcript.title = self.model_selector.currentText() if on else ""
-        self.transcript._render()
+        self.transcript.set_title(self.model_selector.currentText() if on else "")
 
     # ------------------------------------------------------------------ sending
     def settings(self) -> ChatSettings:
@@ -364,7 +421,7 @@ class ChatPanel(QWidget):
     def _on_error(self, target: str, message: str) -> None:
         tr = self.transcript if target == "main" else self.base_transcript
         if tr.messages and tr.messages[-1]["role"] == "assistant" and not tr.messages[-1]["content"]:
-            tr.messages.pop()
+            tr.remove_last()
         tr.add("error", f"No reply: {message}")
         hist = self.history if target == "main" else self.base_history
         if hist and hist[-1]["role"] == "user":
@@ -392,11 +449,12 @@ class ChatPanel(QWidget):
         self.conversation_id = uuid.uuid4().hex[:12]
 
     # ------------------------------------------------------------------ saving
-    def _save_exchange(self, reply: str) -> None:
-        """Append this exchange to the run's chats.jsonl (atomically: temp file + rename)."""
+    def log_path(self) -> Path:
         run_dir = self.current_run_dir()
-        from .paths import app_home
-        target = Path(run_dir) / "chats.jsonl" if run_dir else app_home() / "chats" / "base.jsonl"
+        return Path(run_dir) / "chats.jsonl" if run_dir else chats_dir() / "base.jsonl"
+
+    def _save_exchange(self, reply: str) -> None:
+        """Append this exchange to the chat log, one line, on a worker thread."""
         s = self.settings().generation
         rec = {"conversation": self.conversation_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "model": self.model_selector.currentText(), "model_path": self.current_spec(),
@@ -405,15 +463,30 @@ class ChatPanel(QWidget):
                "settings": {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
                             "max_new_tokens": s.max_new_tokens, "repetition_penalty": s.repetition_penalty,
                             "seed": s.seed}}
+        target = self.log_path()
+        start_job(self.pool, chat_log.append_record, target, rec, name="chat-log",
+                  on_error=lambda m: self.errorOccurred.emit(f"Could not save the conversation to {target}: {m}"))
+
+    # ------------------------------------------------------------------ settings
+    def save_settings(self, s) -> None:
+        s.setValue("chat_settings", json.dumps({
+            "temperature": self.temperature.value(), "top_p": self.top_p.value(), "top_k": self.top_k.value(),
+            "max_new_tokens": self.max_new.value(), "repetition_penalty": self.rep_pen.value(),
+            "system": self.system_prompt.toPlainText()}))
+
+    def restore_settings(self, s) -> None:
         try:
-            from ..engine.checkpoint import atomic_write_text
-            target.parent.mkdir(parents=True, exist_ok=True)
-            old = target.read_text(encoding="utf-8") if target.exists() else ""
-            if old and not old.endswith("\n"):
-                old += "\n"
-            atomic_write_text(target, old + json.dumps(rec, ensure_ascii=False) + "\n")
-        except OSError as e:
-            self.errorOccurred.emit(f"Could not save the conversation to {target}: {e.strerror or e}")
+            d = json.loads(s.value("chat_settings", "{}", type=str) or "{}")
+            if not isinstance(d, dict):
+                return
+            self.temperature.setValue(float(d.get("temperature", self.temperature.value())))
+            self.top_p.setValue(float(d.get("top_p", self.top_p.value())))
+            self.top_k.setValue(int(d.get("top_k", self.top_k.value())))
+            self.max_new.setValue(int(d.get("max_new_tokens", self.max_new.value())))
+            self.rep_pen.setValue(float(d.get("repetition_penalty", self.rep_pen.value())))
+            self.system_prompt.setPlainText(str(d.get("system", "")))
+        except (ValueError, TypeError):
+            pass
 
 
 def _only_turns(history: list[dict]) -> list[dict]:

@@ -3,6 +3,7 @@ data, the base model, the method and hyperparameters, the estimate and the run c
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
@@ -187,7 +188,24 @@ class DataPanel(QWidget):
         lay = QVBoxLayout(self)
         lay.setContentsMargins(4, 4, 4, 4)
         lay.setSpacing(6)
+        self._build_file(lay)
+        lay.addWidget(self._build_validation_box())
+        lay.addWidget(self._build_settings_box())
+        self.estimate = QLabel("Load a training file to see how long a run takes.")
+        self.estimate.setObjectName("estimateLabel")
+        self.estimate.setWordWrap(True)
+        lay.addWidget(self.estimate)
+        self._build_run_controls(lay)
+        for w in (self.epochs, self.batch, self.warmup, self.max_len, self.seed, self.lora_rank, self.val_split):
+            w.valueChanged.connect(self.settingsChanged)
+        self.lora_alpha.valueChanged.connect(self.settingsChanged)
+        self.lr.currentTextChanged.connect(self.settingsChanged)
+        self.schedule.currentIndexChanged.connect(self.settingsChanged)
+        self.method.currentIndexChanged.connect(self.settingsChanged)
+        self.val_split_radio.toggled.connect(self.settingsChanged)
+        self._val_mode_changed()
 
+    def _build_file(self, lay) -> None:
         self.drop_zone = DropZone()
         self.drop_zone.fileDropped.connect(self.fileChosen)
         self.drop_zone.browseRequested.connect(self.browseRequested)
@@ -220,7 +238,7 @@ class DataPanel(QWidget):
         self.preview.setToolTip("The first examples of the file, one message per row, coloured by role.")
         lay.addWidget(self.preview, 1)
 
-        # validation data
+    def _build_validation_box(self) -> QGroupBox:
         vbox = QGroupBox("Validation data")
         vbox.setToolTip(TIPS["validation"])
         vl = QHBoxLayout(vbox)
@@ -248,9 +266,9 @@ class DataPanel(QWidget):
         vl.addWidget(self.val_file_radio)
         vl.addWidget(self.val_file_button)
         vl.addWidget(self.val_file_label, 1)
-        lay.addWidget(vbox)
+        return vbox
 
-        # model + hyperparameters
+    def _build_settings_box(self) -> QGroupBox:
         hp = QGroupBox("Model and settings")
         form = QFormLayout(hp)
         form.setContentsMargins(6, 2, 6, 4)
@@ -334,14 +352,9 @@ class DataPanel(QWidget):
         wrow.addWidget(self.max_len, 1)
         form.addRow(_label("Warmup", TIPS["warmup"]), wrow)
         form.addRow(_label("Seed", TIPS["seed"]), self.seed)
-        lay.addWidget(hp)
+        return hp
 
-        self.estimate = QLabel("Load a training file to see how long a run takes.")
-        self.estimate.setObjectName("estimateLabel")
-        self.estimate.setWordWrap(True)
-        lay.addWidget(self.estimate)
-
-        # run controls
+    def _build_run_controls(self, lay) -> None:
         self.run_button = QPushButton("Run")
         self.run_button.setObjectName("runButton")
         self.run_button.setToolTip("Start fine-tuning (Ctrl+R).")
@@ -370,15 +383,6 @@ class DataPanel(QWidget):
         self.progress_label.setObjectName("progressLabel")
         self.progress_label.setWordWrap(True)
         lay.addWidget(self.progress_label)
-
-        for w in (self.epochs, self.batch, self.warmup, self.max_len, self.seed, self.lora_rank, self.val_split):
-            w.valueChanged.connect(self.settingsChanged)
-        self.lora_alpha.valueChanged.connect(self.settingsChanged)
-        self.lr.currentTextChanged.connect(self.settingsChanged)
-        self.schedule.currentIndexChanged.connect(self.settingsChanged)
-        self.method.currentIndexChanged.connect(self.settingsChanged)
-        self.val_split_radio.toggled.connect(self.settingsChanged)
-        self._val_mode_changed()
 
     # ------------------------------------------------------------------ helpers
     def _method_changed(self) -> None:
@@ -491,6 +495,145 @@ class DataPanel(QWidget):
         self.seed.setValue(num("seed", 0))
         self.val_split.setValue(num("val_split", 10))
         self._method_changed()
+
+    def save_settings(self, s) -> None:
+        import json
+        s.setValue("train_settings", json.dumps(self.settings_dict()))
+
+    def restore_settings(self, s) -> None:
+        import json
+        try:
+            d = json.loads(s.value("train_settings", "{}", type=str) or "{}")
+        except (ValueError, TypeError):
+            return
+        if isinstance(d, dict):
+            self.apply_settings_dict(d)
+
+    # ------------------------------------------------------------------ the file and the estimate
+    def set_base_choices(self, embedded: str, embedded_ok: bool, current: str | None, runs: list,
+                         choose_marker: str) -> None:
+        """The base model box: the built-in model, the current folder, runs with a model, Choose…"""
+        box = self.base_box
+        box.blockSignals(True)
+        box.clear()
+        box.addItem("Built-in base model" + ("" if embedded_ok else " (not installed)"), embedded)
+        run_paths = {path for _, path in runs}
+        if current and current != embedded and current not in run_paths:
+            box.addItem(f"Folder: {Path(current).name}", current)
+        for label, path in runs:
+            box.addItem(label, path)
+        box.addItem("Choose a folder…", choose_marker)
+        box.setCurrentIndex(max(0, box.findData(current)))
+        box.setToolTip(f"{current}\n\n" + TIPS["base"])
+        box.blockSignals(False)
+
+    def show_file_report(self, path: str, rep, sizes) -> None:
+        """A checked training file: the issues, the preview and a one-line summary in the drop zone."""
+        self.show_report(rep)
+        detail = f"{rep.format or '?'} · {sizes.examples} examples · {sizes.tokens:,} tokens"
+        if sizes.longest:
+            detail += f" · longest {sizes.longest}"
+        if rep.ok:
+            n = len(rep.warnings)
+            detail += f" · {n} warning{'s' if n != 1 else ''}" if n else " · ready"
+            self.drop_zone.set_state("ok", Path(path).name, detail)
+        else:
+            n = len(rep.errors)
+            self.drop_zone.set_state("bad", Path(path).name, f"{n} error{'s' if n != 1 else ''} must be fixed "
+                                                             f"before training (click one to see the line) · {detail}")
+
+    def show_unusable(self, path: str, why: str) -> None:
+        self.drop_zone.set_state("bad", Path(path).name, f"Cannot use this file: {why}")
+
+    def show_issue_line(self, issue, text: str, file_name: str):
+        """A dialog with the file line an issue points at (non-blocking). Returns the dialog."""
+        from PySide6.QtWidgets import QMessageBox
+        box = QMessageBox(self.window())
+        box.setObjectName("issueLineDialog")
+        box.setWindowTitle(f"Line {issue.line}")
+        box.setIcon(QMessageBox.Icon.Warning if issue.severity == "error" else QMessageBox.Icon.Information)
+        box.setText(str(issue))
+        box.setInformativeText(f"Line {issue.line} of {file_name}:")
+        box.setDetailedText(text.rstrip("\n"))
+        box.setStandardButtons(QMessageBox.StandardButton.Ok)
+        box.open()
+        return box
+
+    def show_estimate(self, est, message: str = "") -> None:
+        """A bridge.Estimate, or a message when there is none."""
+        if est is None:
+            self.estimate.setText(message)
+            return
+        text = (f"About <b>{est.steps} steps</b> ({est.epochs} epoch{'s' if est.epochs != 1 else ''} × batch "
+                f"{est.batch_size}, LR {est.learning_rate:.1e}) · ≈ <b>{human_duration(est.seconds)}</b> · "
+                f"memory ≈ {est.memory_bytes / 2**20:,.0f} MB")
+        if not est.memory_fits:
+            text += ("<br><span style='color:#a3261b'>This may not fit in memory: lower the batch size or "
+                     "max length.</span>")
+        self.estimate.setText(text)
+        self.estimate.setToolTip(est.memory_text)
+
+    # ------------------------------------------------------------------ a run's progress
+    def show_preparing(self) -> None:
+        self.progress.setRange(0, 0)   # busy until the loop reports its step count
+        self.progress.setFormat("preparing…")
+        self.progress_label.setText("Loading the base model and encoding the data…")
+        self._label_at = 0.0
+
+    def show_run_started(self, e) -> None:
+        total = max(1, e.total_steps)
+        self.progress.setRange(0, total)
+        self.progress.setValue(e.resumed_from_step)
+        self.progress.setFormat("step %v / %m")
+        pct = 100.0 * e.trainable_params / max(1, e.total_params)
+        self.progress_label.setText(
+            f"{e.num_train_examples} training / {e.num_valid_examples} validation examples · "
+            f"{e.epochs} epochs × {e.steps_per_epoch} steps · batch {e.batch_size} · LR {e.learning_rate:.1e} · "
+            f"training {e.trainable_params:,} of {e.total_params:,} weights ({pct:.2f}%)")
+        self._label_at = time.monotonic() + 3.0   # keep this summary readable for a few seconds
+
+    def show_step(self, m, paused: bool = False, force: bool = False) -> None:
+        """The latest StepMetrics: the bar at once, the text at most 4 times a second (a wrapped
+        label that changes size relays the whole panel out)."""
+        total = max(1, m.total_steps or self.progress.maximum())
+        if self.progress.maximum() != total:
+            self.progress.setRange(0, total)
+            self.progress.setFormat("step %v / %m")
+        self.progress.setValue(min(m.step, total))
+        now = time.monotonic()
+        if not force and now - getattr(self, "_label_at", 0.0) < 0.25:
+            return
+        self._label_at = now
+        self.progress_label.setText(
+            f"step {m.step}/{total} · epoch {m.epoch:.2f} · loss {m.train_loss:.4f} · "
+            f"{m.tokens_per_s:,.0f} tokens/s · ETA {human_duration(m.eta_s)}" + (" · paused" if paused else ""))
+
+    def show_paused(self, paused: bool) -> None:
+        text = self.progress_label.text().removesuffix(" · paused")
+        self.progress_label.setText(text + (" · paused" if paused else ""))
+
+    def show_ended(self, e) -> None:
+        """RunFinished / RunStopped / RunFailed, or None (the run never started)."""
+        from ..training import events as ev
+        if isinstance(e, ev.RunFinished):
+            self.progress.setRange(0, 1)
+            self.progress.setValue(1)
+            self.progress.setFormat("finished")
+            vl = f", validation loss {e.final_valid_loss:.4f}" if e.final_valid_loss is not None else ""
+            self.progress_label.setText(
+                f"Finished {e.steps} steps in {human_duration(e.elapsed_s)}: train loss {e.final_train_loss:.4f}{vl}. "
+                "The chat now talks to the tuned model.")
+        elif isinstance(e, ev.RunStopped):
+            self.progress.setFormat(f"stopped at step {e.step}")
+            self.progress_label.setText(
+                f"Stopped at step {e.step}." + (" A checkpoint was saved; you can chat with it." if e.checkpoint else ""))
+        elif isinstance(e, ev.RunFailed):
+            self.progress.setFormat("failed")
+            self.progress_label.setText(f"Failed at step {e.step}.")
+        else:
+            self.progress.setRange(0, 1)
+            self.progress.setValue(0)
+            self.progress.setFormat("not finished")
 
 
 def _label(text: str, tip: str) -> QLabel:

@@ -1,12 +1,11 @@
 """Run history: every run under the app's runs folder, reopened after a restart to view its
-charts, settings and final metrics and to chat with it; rename, delete, overlay curves, export."""
+charts, settings and final metrics and to chat with it; rename, delete, overlay curves, export.
+The panel shows RunEntry objects (runs_controller.py), read on a worker: it reads no files."""
 from __future__ import annotations
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLabel, QPushButton, QTableWidget,
                                QTableWidgetItem, QTextBrowser, QVBoxLayout, QWidget)
-
-from . import bridge
 
 STATUS_TEXT = {"finished": "✔ finished", "stopped": "■ stopped", "failed": "✖ failed", "running": "● running"}
 
@@ -79,16 +78,18 @@ class HistoryPanel(QWidget):
         self._overlaid: set[str] = set()
 
     def set_runs(self, runs) -> None:
+        """runs: list[RunEntry], newest first."""
         self.runs = list(runs)
         self.table.blockSignals(True)
         self.table.setRowCount(len(self.runs))
-        for r, info in enumerate(self.runs):
+        for r, entry in enumerate(self.runs):
+            info = entry.info
             chk = QTableWidgetItem()
             chk.setFlags(Qt.ItemFlag.ItemIsUserCheckable | Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsSelectable)
             chk.setCheckState(Qt.CheckState.Checked if info.path in self._overlaid else Qt.CheckState.Unchecked)
             chk.setData(Qt.ItemDataRole.UserRole, info.path)
             self.table.setItem(r, 0, chk)
-            name = QTableWidgetItem(bridge.run_title(info.path))
+            name = QTableWidgetItem(entry.title)
             name.setToolTip(f"{info.path}\ndata: {info.data_path}\nbase: {info.base_model}")
             self.table.setItem(r, 1, name)
             self.table.setItem(r, 2, QTableWidgetItem(STATUS_TEXT.get(info.status, info.status)))
@@ -97,6 +98,9 @@ class HistoryPanel(QWidget):
         self.table.blockSignals(False)
         self._overlaid &= {i.path for i in self.runs}
         self._show_details()
+
+    def is_overlaid(self, path: str) -> bool:
+        return path in self._overlaid
 
     def _emit(self, signal, row: int) -> None:
         if 0 <= row < len(self.runs):
@@ -118,17 +122,13 @@ class HistoryPanel(QWidget):
                       self.export_adapter_button, self.continue_button):
                 b.setEnabled(False)
             return
-        info = self.runs[r]
-        from pathlib import Path
+        entry = self.runs[r]
+        info, d = entry.info, entry.details
         for b in (self.open_button, self.rename_button, self.delete_button):
             b.setEnabled(True)
-        self.continue_button.setEnabled(info.status != "running" and bool(bridge.checkpoints(info.path)))
+        self.continue_button.setEnabled(info.status != "running" and bool(entry.checkpoints))
         self.export_model_button.setEnabled(info.has_model)
-        self.export_adapter_button.setEnabled((Path(info.path) / "adapter" / "adapter_config.json").exists())
-        try:
-            d = bridge.read_run_info(info.path)
-        except Exception:  # noqa: BLE001
-            d = {}
+        self.export_adapter_button.setEnabled(entry.has_adapter)
         s = d.get("settings") or {}
         hyper = d.get("hyper") or {}
         lr = hyper.get("learning_rate", s.get("learning_rate"))
@@ -136,7 +136,8 @@ class HistoryPanel(QWidget):
             lr = f"{float(lr):.2e}"
         except (TypeError, ValueError):
             pass
-        lines = [f"<b>{bridge.run_title(info.path)}</b> — {STATUS_TEXT.get(info.status, info.status)}",
+        import html
+        lines = [f"<b>{html.escape(entry.title)}</b> — {STATUS_TEXT.get(info.status, info.status)}",
                  f"folder: {info.path}",
                  f"created {info.created[:19].replace('T', ' ')}",
                  f"data: {info.data_path}", f"base model: {info.base_model}",
@@ -147,13 +148,12 @@ class HistoryPanel(QWidget):
                  f"steps {info.steps}/{info.total_steps or '?'} · final train loss {_f(info.final_train_loss)}"
                  f" · valid loss {_f(info.final_valid_loss)}"]
         if info.reason:
-            lines.append(f"<span style='color:#a3261b'>failed: {info.reason}</span>")
-        import html
+            lines.append(f"<span style='color:#a3261b'>failed: {html.escape(info.reason)}</span>")
         self.details.setHtml("<br>".join(x if x.startswith("<") else html.escape(x) for x in lines))
 
     def select_run(self, path: str) -> None:
-        for r, info in enumerate(self.runs):
-            if info.path == path:
+        for r, entry in enumerate(self.runs):
+            if entry.path == path:
                 self.table.selectRow(r)
                 return
 

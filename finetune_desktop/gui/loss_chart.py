@@ -2,12 +2,16 @@
 accuracy (right axis) and the learning rate in a small linked chart below.
 
 Points go into preallocated buffers when they arrive; a QTimer redraws at most 10 times a
-second, only when something changed. Clip-to-view and peak downsampling keep 100,000 points
-smooth."""
+second, only when something changed and the chart is on screen. The view ranges are fixed
+while a run draws (x: 0 .. the run's total steps, known from RunStarted; y: from well below the
+lowest loss to 10% above the highest, moved only when a loss leaves it), so the axes are not
+recomputed, relaid out and repainted for every point: a redraw repaints the curves. Clip-to-view and peak
+downsampling keep 100,000 points smooth."""
 from __future__ import annotations
 
 import csv
 import math
+import time
 
 import numpy as np
 import pyqtgraph as pg
@@ -17,7 +21,9 @@ from PySide6.QtWidgets import (QCheckBox, QFileDialog, QHBoxLayout, QLabel, QPus
 
 from . import style
 from .buffers import EmaState, Series
+from .ranges import StableRange, ViewFit, finite_min_max
 
+LR_STRIP_INTERVAL_S = 1.0   # the learning-rate strip redraws at most this often during a run
 STEP_COLS = ("step", "epoch", "loss", "smooth", "acc", "lr", "grad_norm", "tps")
 EVAL_COLS = ("step", "epoch", "valid_loss", "valid_acc")
 
@@ -36,6 +42,11 @@ class LossChart(pg.PlotWidget):
         pi.setLabel("bottom", "step")
         pi.setClipToView(True)
         pi.setDownsampling(auto=True, mode="peak")
+        for ax in ("left", "bottom", "right"):
+            pi.getAxis(ax).enableAutoSIPrefix(False)
+        # fixed ranges (see the module's docstring): x = 0 .. total steps, y = 0 .. top loss
+        self.view_fit = ViewFit(pi.vb, StableRange(headroom=0.0, floor=0.0), StableRange(headroom=0.15, floor=0.0))
+        self.view_fit.apply((0.0, 1.0), (0.0, 1.0))
         self.raw_curve = pi.plot(pen=pg.mkPen(style.TRAIN_RAW, width=1), name="train loss")
         self.smooth_curve = pi.plot(pen=pg.mkPen(style.TRAIN_SMOOTH, width=2), name="train (smoothed)")
         self.valid_curve = pi.plot(pen=pg.mkPen(style.VALID, width=1.5, style=Qt.PenStyle.DashLine),
@@ -51,6 +62,7 @@ class LossChart(pg.PlotWidget):
         pi.getAxis("right").linkToView(self.acc_view)
         pi.getAxis("right").setLabel("token accuracy", color=_hex(style.ACCURACY))
         self.acc_view.setXLink(pi)
+        self.acc_view.disableAutoRange()
         self.acc_view.setYRange(0, 1, padding=0.02)
         self.acc_view.setMouseEnabled(x=False, y=False)
         self.acc_curve = pg.PlotDataItem(pen=pg.mkPen(style.ACCURACY, width=1.2))
@@ -95,14 +107,41 @@ class LossPanel(QWidget):
     def __init__(self, parent=None):
         super().__init__(parent)
         self.chart = LossChart(self)
+        self._peak_lr = float("nan")
+        self._lr_drawn_at = -1e9
+        self._lr_stale = False
+        self._build_lr_chart()
+        self._build_controls()
+        self.steps = Series(STEP_COLS)
+        self.evals = Series(EVAL_COLS, capacity=64)
+        self._ema = EmaState(self._smooth_weight())
+        self._last_epoch_int = 0
+        self._dirty = False
+        self._overlay_i = 0
+        self._top = float("nan")          # highest loss so far (train, validation)
+        self._bottom = float("nan")       # lowest loss so far
+        self._total_steps = 0             # the run's planned steps (0 = not known)
+        # started by new data, single shot: at most 10 redraws a second, no wake-ups while idle
+        self.timer = QTimer(self)
+        self.timer.setSingleShot(True)
+        self.timer.setInterval(100)
+        self.timer.timeout.connect(self._on_timer)
+        self._hover = pg.SignalProxy(self.chart.scene().sigMouseMoved, rateLimit=30, slot=self._on_hover)
+
+    def _build_lr_chart(self) -> None:
         self.lr_chart = pg.PlotWidget(background="w")
         self.lr_chart.setObjectName("lrChart")
         self.lr_chart.setMaximumHeight(90)
         self.lr_chart.setMinimumHeight(60)
         lp = self.lr_chart.getPlotItem()
         lp.setLabel("left", "LR")
-        lp.getAxis("left").enableAutoSIPrefix(False)
-        lp.getAxis("left").setWidth(self.chart.getPlotItem().getAxis("left").width())
+        for ax in ("left", "bottom"):
+            lp.getAxis(ax).enableAutoSIPrefix(False)
+        # both left axes get the width "2e-04" needs, so the strip's x axis lines up with the chart's
+        from PySide6.QtGui import QFontMetrics
+        left = QFontMetrics(self.font()).horizontalAdvance("2e-04") + 30
+        for axis in (self.chart.getPlotItem().getAxis("left"), lp.getAxis("left")):
+            axis.setWidth(left)
         lp.showAxis("right")
         lp.getAxis("right").setStyle(showValues=False)
         lp.getAxis("right").setWidth(self.chart.getPlotItem().getAxis("right").width() or 45)
@@ -111,8 +150,14 @@ class LossPanel(QWidget):
         lp.setClipToView(True)
         lp.setDownsampling(auto=True, mode="peak")
         lp.hideButtons()
+        lp.setMouseEnabled(x=True, y=False)
+        # the strip is ~40 px high: two labelled ticks (0 and the peak rate), never four crammed ones
+        self.lr_fit = ViewFit(lp.vb, StableRange(), StableRange(headroom=0.1, floor=0.0))
+        self._set_lr_ticks(1e-3)
         self.lr_curve = lp.plot(pen=pg.mkPen(style.LR, width=1.5))
         style.cache_axes(self.chart.getPlotItem(), lp)
+
+    def _build_controls(self) -> None:
         self.readout = QLabel("Hover over the chart to read values.")
         self.readout.setObjectName("chartReadout")
         self.readout.setTextFormat(Qt.TextFormat.PlainText)
@@ -131,14 +176,13 @@ class LossPanel(QWidget):
         self.show_acc.toggled.connect(self._toggle_acc)
         self.png_button = QPushButton("PNG…")
         self.png_button.setToolTip("Save the chart as a picture.")
-        self.png_button.clicked.connect(self._export_png_dialog)
+        self.png_button.clicked.connect(self.export_png_dialog)
         self.csv_button = QPushButton("CSV…")
         self.csv_button.setToolTip("Save every point of the chart as a spreadsheet file.")
-        self.csv_button.clicked.connect(self._export_csv_dialog)
+        self.csv_button.clicked.connect(self.export_csv_dialog)
         top = QHBoxLayout()
         top.setContentsMargins(0, 0, 0, 0)
-        title = QLabel("<b>Loss</b>")
-        top.addWidget(title)
+        top.addWidget(QLabel("<b>Loss</b>"))
         top.addStretch(1)
         top.addWidget(QLabel("Smoothing"))
         top.addWidget(self.smooth_slider)
@@ -158,18 +202,6 @@ class LossPanel(QWidget):
         lay.addWidget(self.readout)
         self._update_legend()
 
-        self.steps = Series(STEP_COLS)
-        self.evals = Series(EVAL_COLS, capacity=64)
-        self._ema = EmaState(self._smooth_weight())
-        self._last_epoch_int = 0
-        self._dirty = False
-        self._overlay_i = 0
-        self.timer = QTimer(self)
-        self.timer.setInterval(100)  # <= 10 redraws per second
-        self.timer.timeout.connect(self._redraw)
-        self.timer.start()
-        self._hover = pg.SignalProxy(self.chart.scene().sigMouseMoved, rateLimit=30, slot=self._on_hover)
-
     def _update_legend(self) -> None:
         """A one-line legend above the chart (it never covers the curves)."""
         parts = [(_hex(style.TRAIN_RAW), "━", "train loss"), (_hex(style.TRAIN_SMOOTH), "━", "smoothed"),
@@ -181,15 +213,38 @@ class LossPanel(QWidget):
         self.legend.setText("&nbsp;&nbsp;".join(f"<span style='color:{c}'>{sym}</span>&nbsp;{html.escape(t)}"
                                                 for c, sym, t in parts))
 
+    # ------------------------------------------------------------------ settings
+    def save_settings(self, s) -> None:
+        s.setValue("loss/smoothing", self.smooth_slider.value())
+        s.setValue("loss/show_accuracy", self.show_acc.isChecked())
+
+    def restore_settings(self, s) -> None:
+        try:
+            self.smooth_slider.setValue(int(s.value("loss/smoothing", self.smooth_slider.value())))
+        except (TypeError, ValueError):
+            pass
+        self.show_acc.setChecked(str(s.value("loss/show_accuracy", "true")).lower() in ("true", "1"))
+
     # ------------------------------------------------------------------ data in
     def reset(self) -> None:
         self.steps.clear()
         self.evals.clear()
         self._ema = EmaState(self._smooth_weight())
         self._last_epoch_int = 0
+        self._top = self._bottom = float("nan")
+        self._total_steps = 0
         self.chart.clear_epoch_lines()
+        self.chart.view_fit.reset()
         self._dirty = True
-        self._redraw()
+        self.redraw()
+
+    def begin_run(self, total_steps: int, peak_lr: float) -> None:
+        """A run (new or continued) starts: fix x to 0 .. total_steps and the LR strip to its peak."""
+        self._total_steps = max(1, int(total_steps))
+        self.chart.view_fit.fix_x(0.0, float(self._total_steps))
+        if peak_lr and peak_lr > 0:
+            self._set_lr_ticks(float(peak_lr))
+        self._changed()
 
     def add_steps(self, metrics: list) -> None:
         """StepMetrics events (a coalesced batch)."""
@@ -204,10 +259,12 @@ class LossPanel(QWidget):
             return
         self.evals.append_rows({"step": [ev.step], "epoch": [ev.epoch], "valid_loss": [ev.valid_loss],
                                 "valid_acc": [ev.valid_token_accuracy]})
-        self._dirty = True
+        self._top = _nanmax(self._top, ev.valid_loss)
+        self._bottom = _nanmin(self._bottom, ev.valid_loss)
+        self._changed()
 
     def load_rows(self, rows: list[dict]) -> None:
-        """metrics.jsonl rows of a saved run."""
+        """metrics.jsonl rows of a saved run (by step)."""
         self.reset()
         train = [r for r in rows if r.get("train_loss") is not None and r.get("step") is not None]
         evals = [r for r in rows if r.get("valid_loss") is not None and r.get("step") is not None]
@@ -220,15 +277,21 @@ class LossPanel(QWidget):
                                     "epoch": [_num(r.get("epoch")) for r in evals],
                                     "valid_loss": [_num(r["valid_loss"]) for r in evals],
                                     "valid_acc": [_num(r.get("valid_token_accuracy")) for r in evals]})
+            lo, hi = finite_min_max(self.evals.view("valid_loss"))
+            self._top, self._bottom = _nanmax(self._top, hi), _nanmin(self._bottom, lo)
+        lr_top = finite_min_max(self.steps.view("lr"))[1]
+        if lr_top == lr_top and lr_top > 0:
+            self._set_lr_ticks(lr_top)
         self._dirty = True
-        self._redraw()
-        self.chart.getPlotItem().enableAutoRange()
+        self.redraw()
 
     def _add_rows(self, step, epoch, loss, acc, lr, gn, tps) -> None:
         loss_arr = np.asarray(loss, dtype=np.float64)
         smooth = self._ema.push(loss_arr)
         self.steps.append_rows({"step": step, "epoch": epoch, "loss": loss_arr, "smooth": smooth, "acc": acc,
                                 "lr": lr, "grad_norm": gn, "tps": tps})
+        lo, hi = finite_min_max(loss_arr)
+        self._top, self._bottom = _nanmax(self._top, hi), _nanmin(self._bottom, lo)
         for s, e in zip(step, epoch):
             if e is None or e != e:
                 continue
@@ -236,7 +299,7 @@ class LossPanel(QWidget):
             if k > self._last_epoch_int:
                 self._last_epoch_int = k
                 self.chart.add_epoch_line(float(s), k)
-        self._dirty = True
+        self._changed()
 
     # ------------------------------------------------------------------ overlays (run comparison)
     def add_overlay(self, name: str, rows: list[dict]) -> None:
@@ -251,10 +314,12 @@ class LossPanel(QWidget):
         self.remove_overlay(name)
         item = self.chart.getPlotItem().plot(x, ys, pen=pg.mkPen(colour, width=1.5, style=Qt.PenStyle.DashLine))
         item.colour = colour
+        item.extent = (float(x.max()), *finite_min_max(ys))   # last step, lowest and highest loss
         item.setClipToView(True)
         item.setDownsampling(auto=True, method="peak")
         self.chart.overlays[name] = item
         self._update_legend()
+        self._changed()
 
     def remove_overlay(self, name: str) -> None:
         item = self.chart.overlays.pop(name, None)
@@ -267,18 +332,73 @@ class LossPanel(QWidget):
             self.remove_overlay(name)
 
     # ------------------------------------------------------------------ drawing
-    def _redraw(self) -> None:
+    def _changed(self) -> None:
+        self._dirty = True
+        if not self.timer.isActive():
+            self.timer.start(100)
+
+    def _on_timer(self) -> None:
         if not self._dirty:
             return
-        self._dirty = False
+        if self.isVisible() and not self.window().isMinimized():
+            self.redraw(live=True)
+        else:
+            self.timer.start(500)    # not on screen: look again later, draw nothing now
+
+    def redraw(self, live: bool = False) -> None:
+        """Draw what arrived since the last redraw (now, whether or not the timer is due). live:
+        called by the timer during a run (the LR strip then follows at most once a second)."""
         s = self.steps
         x = s.view("step")
-        self.chart.raw_curve.setData(x, s.view("loss"), connect="finite")
-        self.chart.smooth_curve.setData(x, s.view("smooth"), connect="finite")
-        self.chart.acc_curve.setData(x, s.view("acc"), connect="finite")
-        self.lr_curve.setData(x, s.view("lr"), connect="finite")
-        self.chart.valid_curve.setData(self.evals.view("step"), self.evals.view("valid_loss"), connect="finite")
-        self.redrawn.emit()
+        now = time.monotonic()
+        if self._dirty:
+            self._dirty = False
+            self.chart.raw_curve.setData(x, s.view("loss"), connect="finite")
+            self.chart.smooth_curve.setData(x, s.view("smooth"), connect="finite")
+            self.chart.acc_curve.setData(x, s.view("acc"), connect="finite")
+            self.chart.valid_curve.setData(self.evals.view("step"), self.evals.view("valid_loss"), connect="finite")
+            self._lr_stale = True
+            self._fit_view()
+            self.redrawn.emit()
+        if self._lr_stale and (not live or now - self._lr_drawn_at >= LR_STRIP_INTERVAL_S):
+            # the schedule is known in advance: during a run the strip does not need every step
+            self._lr_stale = False
+            self._lr_drawn_at = now
+            self.lr_curve.setData(x, s.view("lr"), connect="finite")
+
+    def _fit_view(self) -> None:
+        """Move the view only when the data left it (see the module's docstring)."""
+        fit = self.chart.view_fit
+        extents = [item.extent for item in self.chart.overlays.values()]
+        last = max([e[0] for e in extents] + [self.steps.last("step") if len(self.steps) else 0.0])
+        if last > (fit.x.hi or 0.0):
+            # no planned total (a saved run, overlays) or more steps than planned
+            fit.fix_x(0.0, float(max(self._total_steps, last)))
+        top = _nanmax(self._top, *[e[2] for e in extents])
+        bottom = _nanmin(self._bottom, *[e[1] for e in extents])
+        if top == top:
+            self._fit_y(bottom, top)
+
+    def _fit_y(self, bottom: float, top: float) -> None:
+        """y: up to 10% above the highest loss; down to well below the lowest, so a falling loss
+        moves the view a few times a run, not at every new low (and never below 0)."""
+        fit = self.chart.view_fit
+        lo, hi = fit.y.lo, fit.y.hi
+        if hi is not None and lo <= bottom and top <= hi:
+            return
+        if hi is None or top > hi:
+            hi = top * 1.1
+        if lo is None or bottom < lo:
+            lo = max(0.0, min(bottom - 0.5 * (top - bottom), 0.6 * top))
+        fit.apply(None, fit.y.fixed(lo, hi))
+
+    def _set_lr_ticks(self, peak: float) -> None:
+        if self._peak_lr == peak:
+            return
+        self._peak_lr = peak
+        # room below 0 and above the peak so both labels fit inside the ~45 px strip
+        self.lr_fit.apply(None, self.lr_fit.y.fixed(-0.25 * peak, 1.3 * peak))
+        self.lr_chart.getPlotItem().getAxis("left").setTicks([[(0.0, "0"), (peak, f"{peak:.0e}")], []])
 
     def _smooth_weight(self) -> float:
         return self.smooth_slider.value() / 100.0 if hasattr(self, "smooth_slider") else 0.8
@@ -286,9 +406,8 @@ class LossPanel(QWidget):
     def _smoothing_changed(self) -> None:
         self._ema = EmaState(self._smooth_weight())
         if len(self.steps):
-            n = self.steps.n
-            self.steps._cols["smooth"][:n] = self._ema.push(self.steps.view("loss"))
-        self._dirty = True
+            self.steps.set_view("smooth", self._ema.push(self.steps.view("loss")))
+        self._changed()
 
     def _toggle_acc(self, on: bool) -> None:
         self.chart.acc_curve.setVisible(on)
@@ -322,53 +441,107 @@ class LossPanel(QWidget):
 
     # ------------------------------------------------------------------ export
     def export_png(self, path: str) -> None:
-        self._redraw()
-        if not self.grab().save(path, "PNG"):
-            raise OSError(f"could not write {path}")
+        """Render on this (GUI) thread, write the file now (export_png_dialog writes on a worker)."""
+        _save_image(self._render_image(), path)
+
+    def _render_image(self):
+        self.redraw()
+        return self.grab().toImage()     # a QImage may be saved on another thread, a QPixmap may not
 
     def export_csv(self, path: str) -> None:
-        import os
-        import tempfile
-        from pathlib import Path
-        p = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=p.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-                w = csv.writer(f)
-                w.writerow(["kind", "step", "epoch", "train_loss", "train_loss_smoothed", "train_token_accuracy",
-                            "lr", "grad_norm", "tokens_per_s", "valid_loss", "valid_token_accuracy"])
-                for i in range(self.steps.n):
-                    v = [self.steps.view(k)[i] for k in STEP_COLS]
-                    w.writerow(["train", int(v[0]), _fmt(v[1]), _fmt(v[2]), _fmt(v[3]), _fmt(v[4]), _fmt(v[5]),
-                                _fmt(v[6]), _fmt(v[7]), "", ""])
-                for i in range(self.evals.n):
-                    v = [self.evals.view(k)[i] for k in EVAL_COLS]
-                    w.writerow(["valid", int(v[0]), _fmt(v[1]), "", "", "", "", "", "", _fmt(v[2]), _fmt(v[3])])
-            os.replace(tmp, p)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        """Every point as CSV, written now (export_csv_dialog writes on a worker)."""
+        _write_csv(path, self._columns())
 
-    def _export_png_dialog(self) -> None:
+    def _columns(self) -> tuple:
+        """Copies of the chart's data, safe to hand to another thread."""
+        return ({k: self.steps.view(k).copy() for k in STEP_COLS}, {k: self.evals.view(k).copy() for k in EVAL_COLS})
+
+    def set_pool(self, pool) -> None:
+        """Where the export dialogs write their files (a workers.ThreadPool); None = right away."""
+        self._pool = pool
+
+    def export_png_dialog(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Save chart as picture", "loss.png", "PNG image (*.png)")
         if path:
-            self._guarded(self.export_png, path)
+            self._export(_save_image, self._render_image(), path)
 
-    def _export_csv_dialog(self) -> None:
+    def export_csv_dialog(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Save chart data", "loss.csv", "CSV file (*.csv)")
         if path:
-            self._guarded(self.export_csv, path)
+            self._export(_write_csv, path, self._columns())
 
-    def _guarded(self, fn, path) -> None:
+    def _export(self, fn, *args) -> None:
+        path = next(a for a in args if isinstance(a, str))
+        pool = getattr(self, "_pool", None)
+        if pool is None:
+            try:
+                fn(*args)
+            except OSError as e:
+                self._export_failed(path, e.strerror or str(e))
+            return
+        from .workers import start_job
+        start_job(pool, fn, *args, on_error=lambda m: self._export_failed(path, m), name="export-chart")
+
+    def _export_failed(self, path: str, message: str) -> None:
+        win = self.window()
+        if hasattr(win, "show_error"):
+            win.show_error(f"Could not save {path}: {message}")
+
+
+def _save_image(image, path: str) -> str:
+    """Atomically (temp file, then rename): a half-written picture never has the final name."""
+    import os
+    tmp = f"{path}.{os.getpid()}.tmp"
+    if not image.save(tmp, "PNG"):
         try:
-            fn(path)
-        except OSError as e:
-            win = self.window()
-            if hasattr(win, "show_error"):
-                win.show_error(f"Could not save {path}: {e.strerror or e}")
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise OSError(f"could not write {path}")
+    os.replace(tmp, path)
+    return path
+
+
+def _write_csv(path: str, columns: tuple) -> str:
+    """Atomically (temp file, then rename)."""
+    import os
+    import tempfile
+    from pathlib import Path
+    steps, evals = columns
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=p.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["kind", "step", "epoch", "train_loss", "train_loss_smoothed", "train_token_accuracy",
+                        "lr", "grad_norm", "tokens_per_s", "valid_loss", "valid_token_accuracy"])
+            for i in range(len(steps["step"])):
+                v = [steps[k][i] for k in STEP_COLS]
+                w.writerow(["train", int(v[0]), _fmt(v[1]), _fmt(v[2]), _fmt(v[3]), _fmt(v[4]), _fmt(v[5]),
+                            _fmt(v[6]), _fmt(v[7]), "", ""])
+            for i in range(len(evals["step"])):
+                v = [evals[k][i] for k in EVAL_COLS]
+                w.writerow(["valid", int(v[0]), _fmt(v[1]), "", "", "", "", "", "", _fmt(v[2]), _fmt(v[3])])
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return str(p)
+
+
+def _nanmin(*values) -> float:
+    """The smallest value that is not NaN (NaN when there is none)."""
+    good = [float(v) for v in values if v is not None and v == v]
+    return min(good) if good else float("nan")
+
+
+def _nanmax(*values) -> float:
+    """The largest value that is not NaN (NaN when there is none)."""
+    good = [float(v) for v in values if v is not None and v == v]
+    return max(good) if good else float("nan")
 
 
 def _num(v):

@@ -1,36 +1,26 @@
-"""Where the app keeps its runs, chats and settings: $FINETUNE_DESKTOP_HOME, else the
-platform's app-data folder."""
+"""Where the app keeps its runs, chats and settings: training.runs decides
+($FINETUNE_DESKTOP_HOME, else the platform's app-data folder); the GUI only adds its settings file."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from PySide6.QtCore import QSettings
 
+from ..training.runs import app_home, runs_home
+
 ORG = "FinetuneDesktop"
 APP = "Finetune Desktop"
 
-
-def app_home() -> Path:
-    env = os.environ.get("FINETUNE_DESKTOP_HOME")
-    if env:
-        return Path(env).expanduser()
-    try:
-        from ..training import runs
-        fn = getattr(runs, "app_home", None) or getattr(runs, "home_dir", None)
-        if fn is not None:
-            return Path(fn())
-    except Exception:  # noqa: BLE001 - the training package may not offer it
-        pass
-    try:
-        import platformdirs
-        return Path(platformdirs.user_data_dir("finetune-desktop", appauthor=False))
-    except ImportError:
-        return Path.home() / ".finetune-desktop"
+__all__ = ["APP", "ORG", "app_home", "runs_dir", "chats_dir", "make_settings"]
 
 
 def runs_dir() -> Path:
-    return app_home() / "runs"
+    return runs_home()
+
+
+def chats_dir() -> Path:
+    """Chats with models that are not a run (the base model, a model folder)."""
+    return app_home() / "chats"
 
 
 def make_settings() -> QSettings:

@@ -64,10 +64,10 @@ class PhaseStrip(QWidget):
         self._active = None
         self._active_since = 0.0
         self._pending_phase = None
-        self.timer = QTimer(self)
+        self.timer = QTimer(self)            # at most 10 colour changes a second, only while phases come
+        self.timer.setSingleShot(True)
         self.timer.setInterval(100)
         self.timer.timeout.connect(self._tick)
-        self.timer.start()
 
     def set_base(self, short: str, description: str = "", pretrained: bool = True) -> None:
         box, t, ms = self.boxes["weights"]
@@ -92,6 +92,8 @@ class PhaseStrip(QWidget):
     def set_active(self, phase: str | None) -> None:
         """Highlight the phase running now (PhaseEvent.phase); None = idle."""
         self._pending_phase = phase or "none"
+        if not self.timer.isActive():
+            self.timer.start()
 
     def _tick(self) -> None:
         if self._pending_phase is None:

@@ -79,11 +79,21 @@ QGroupBox::title { subcontrol-origin: margin; left: 8px; padding: 0 4px; color: 
 """
 
 
+PIXMAP_CACHE_KB = 256 * 1024
+
+
 def cache_axes(*plot_items) -> None:
     """Let Qt keep each axis as a pixmap and repaint it only when it changes. pyqtgraph replays
     the axis' recorded text drawing on every repaint of anything next to it (a few ms per axis),
-    which is most of the GUI thread's time while charts update live."""
+    which is most of the GUI thread's time while charts update live.
+
+    The pixmaps live in QPixmapCache (10 MB by default). An axis that draws grid lines covers its
+    whole plot, so on a 4K screen one axis needs several MB and the cache evicted them all the
+    time: every repaint replayed every axis again. The limit is raised to PIXMAP_CACHE_KB."""
+    from PySide6.QtGui import QPixmapCache
     from PySide6.QtWidgets import QGraphicsItem
+    if QPixmapCache.cacheLimit() < PIXMAP_CACHE_KB:
+        QPixmapCache.setCacheLimit(PIXMAP_CACHE_KB)
     for pi in plot_items:
         axes = getattr(pi, "axes", None)
         items = [a["item"] for a in axes.values()] if isinstance(axes, dict) else []
@@ -91,3 +101,5 @@ def cache_axes(*plot_items) -> None:
             items.append(pi.titleLabel)
         for it in items:
             it.setCacheMode(QGraphicsItem.CacheMode.DeviceCoordinateCache)
+            if hasattr(it, "enableAutoSIPrefix"):
+                it.enableAutoSIPrefix(False)   # no label relayout when the range's magnitude changes

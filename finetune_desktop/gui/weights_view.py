@@ -9,11 +9,14 @@
 - the global gradient norm per step;
 - a histogram of the shown matrix.
 
-Snapshots arrive as copies (WeightSnapshot events); the latest one is drawn by a QTimer at
-most 10 times a second, and only while the view is visible."""
+Snapshots arrive as copies (WeightSnapshot events, up to ~4 a second); the latest one is drawn
+at most 2.5 times a second, spread over three timer ticks (heatmap; histogram and bias; bars
+and gradient norm), and only while the view is on screen. The plots' ranges only move when the
+data leaves them (ranges.py), so their axes are not recomputed and repainted on every update."""
 from __future__ import annotations
 
 import re
+import time
 
 import numpy as np
 import pyqtgraph as pg
@@ -23,6 +26,10 @@ from PySide6.QtWidgets import (QButtonGroup, QComboBox, QHBoxLayout, QLabel, QPu
 
 from . import style
 from .buffers import Series
+from .ranges import StableRange, ViewFit, finite_min_max
+
+DRAW_INTERVAL_S = 0.4   # a new snapshot is drawn at most this often
+TICK_MS = 120           # one stage of a drawing per tick
 
 DIVERGING = pg.ColorMap(pos=np.array([0.0, 0.25, 0.5, 0.75, 1.0]),
                         color=np.array([(33, 102, 172), (146, 197, 222), (247, 247, 247), (244, 165, 130),
@@ -62,11 +69,12 @@ class WeightsView(QWidget):
         self.grad = Series(("step", "grad_norm"))
         self._grad_dirty = False
         self._stages: list = []
+        self._last_cycle = -1e9
+        self._total_steps = 0
         self._build()
-        self.timer = QTimer(self)
-        self.timer.setInterval(100)
+        self.timer = QTimer(self)            # runs only while there is something to draw
+        self.timer.setInterval(TICK_MS)
         self.timer.timeout.connect(self._tick)
-        QTimer.singleShot(50, self.timer.start)   # out of phase with the loss chart's redraws
 
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:
@@ -96,7 +104,8 @@ class WeightsView(QWidget):
 
         row = QHBoxLayout()
         row.setContentsMargins(0, 0, 0, 0)
-        row.addWidget(QLabel("<b>Weights &amp; biases</b>"))
+        self.title_label = QLabel("<b>Weights &amp; biases</b>")
+        row.addWidget(self.title_label)
         row.addWidget(self.layer_box)
         row.addWidget(self.proj_box)
         row.addWidget(self.mode_delta)
@@ -158,6 +167,17 @@ class WeightsView(QWidget):
             p.setMinimumWidth(90)
             p.setPreferredWidth(150)
         self.heat_plot.setMinimumWidth(140)
+        self.heat_fit = ViewFit(self.heat_plot.vb, StableRange(headroom=0.0), StableRange(headroom=0.0))
+        self.bias_fit = ViewFit(self.bias_plot.vb, StableRange(headroom=0.0), StableRange(headroom=0.1, shrink=0.3))
+        self.hist_fit = ViewFit(self.hist_plot.vb, StableRange(headroom=0.05, shrink=0.3),
+                                StableRange(headroom=0.15, floor=0.0, shrink=0.3))
+        self.bar_fit = ViewFit(self.bar_plot.vb, StableRange(headroom=0.0), StableRange(headroom=0.2, floor=0.0, shrink=0.3))
+        self.grad_fit = ViewFit(self.grad_plot.vb, StableRange(headroom=0.0, floor=0.0),
+                                StableRange(headroom=0.2, floor=0.0, shrink=0.2))
+        for p in (self.bias_plot, self.hist_plot, self.bar_plot, self.grad_plot):
+            p.hideButtons()
+            for ax in ("left", "bottom"):
+                p.getAxis(ax).enableAutoSIPrefix(False)
         style.cache_axes(self.heat_plot, self.bias_plot, self.hist_plot, self.bar_plot, self.grad_plot)
         if hasattr(self.colorbar, "axis"):
             self.colorbar.axis.setCacheMode(self.colorbar.axis.CacheMode.DeviceCoordinateCache)
@@ -187,12 +207,28 @@ class WeightsView(QWidget):
         for c in (self.bias_now, self.bias_start, self.hist_curve, self.grad_curve):
             c.setData([], [])
         self.bars.setOpts(x=[], height=[])
+        for f in (self.heat_fit, self.bias_fit, self.hist_fit, self.bar_fit, self.grad_fit):
+            f.reset()
+        self._total_steps = 0
+        self._stages = []
         self.info.setText("Weights appear here when training starts.")
+
+    def set_total_steps(self, total: int) -> None:
+        """The run's planned steps: the gradient-norm plot's x axis is 0 .. total for the whole run."""
+        self._total_steps = max(1, int(total))
+        self.grad_fit.fix_x(0.0, float(self._total_steps))
+
+    def save_settings(self, s) -> None:
+        s.setValue("weights/mode", "delta" if self.mode_delta.isChecked() else "now")
+
+    def restore_settings(self, s) -> None:
+        (self.mode_now if s.value("weights/mode", "delta") == "now" else self.mode_delta).setChecked(True)
 
     def add_snapshot(self, snap) -> None:
         self.snapshot_count += 1
         self.latest = snap
         self._pending = True
+        self._kick()
         names = sorted(set(snap.matrices) | set(snap.current))
         if names != self._names:
             self._names = names
@@ -202,6 +238,7 @@ class WeightsView(QWidget):
         if metrics:
             self.grad.append_rows({"step": [m.step for m in metrics], "grad_norm": [m.grad_norm for m in metrics]})
             self._grad_dirty = True
+            self._kick()
 
     def load_rows(self, rows: list[dict]) -> None:
         self.grad.clear()
@@ -209,6 +246,7 @@ class WeightsView(QWidget):
         if pts:
             self.grad.append_rows({"step": [r["step"] for r in pts], "grad_norm": [r["grad_norm"] for r in pts]})
         self._grad_dirty = True
+        self._kick()
 
     # ------------------------------------------------------------------ pickers
     def _fill_pickers(self) -> None:
@@ -239,6 +277,7 @@ class WeightsView(QWidget):
             with _Blocked(self.proj_box):
                 self._fill_proj(self.proj_box.currentText())
         self._pending = True
+        self._kick()
 
     def select(self, layer: str, proj: str) -> None:
         self.layer_box.setCurrentText(layer)
@@ -272,22 +311,47 @@ class WeightsView(QWidget):
             mode = "now" if mode == "delta" else "delta"
         return (None if mat is None else np.asarray(mat, dtype=np.float32)), (mode, name)
 
+    def on_screen(self) -> bool:
+        return self.isVisible() and not self.visibleRegion().isEmpty() and not self.window().isMinimized()
+
+    def _kick(self) -> None:
+        if not self.timer.isActive():
+            self.timer.start(TICK_MS)
+
     def _tick(self) -> None:
         """At most one piece of the view per tick (heatmap / histogram+bias / bars+gradient), so a
-        new snapshot is drawn over three short event-loop turns instead of one long one."""
-        if not self.isVisible():
+        new snapshot is drawn over three short event-loop turns instead of one long one; a new
+        drawing starts at most every DRAW_INTERVAL_S, and only while the view is on screen."""
+        if not (self._pending or self._stages or self._grad_dirty):
+            self.timer.stop()
             return
-        if self._pending:
+        if not self.on_screen():
+            self.timer.start(500)            # hidden: look again later, draw nothing now
+            return
+        self.timer.setInterval(TICK_MS)
+        now = time.monotonic()
+        if self._pending and not self._stages and now - self._last_cycle >= DRAW_INTERVAL_S:
             self._pending = False
+            self._last_cycle = now
             self._stages = [self._draw_heat, self._draw_hist_and_bias, self._draw_bars]
         if self._stages:
             self._stages.pop(0)()
             if not self._stages and self.latest is not None:
                 self.snapshotDrawn.emit(self.latest.step)
             return
-        if self._grad_dirty:
-            self._grad_dirty = False
-            self.grad_curve.setData(self.grad.view("step"), self.grad.view("grad_norm"), connect="finite")
+        if self._grad_dirty and now - self._last_cycle >= DRAW_INTERVAL_S / 2:
+            self._draw_grad()
+
+    def _draw_grad(self) -> None:
+        self._grad_dirty = False
+        x, y = self.grad.view("step"), self.grad.view("grad_norm")
+        self.grad_curve.setData(x, y, connect="finite")
+        if len(x):
+            if x[-1] > (self.grad_fit.x.hi or 0.0):
+                self.grad_fit.fix_x(0.0, float(max(self._total_steps, x[-1])))
+            lo, hi = finite_min_max(y)
+            if hi == hi:
+                self.grad_fit.fit(y_lo=0.0, y_hi=hi)
 
     def _draw(self) -> None:
         """Everything at once (Rescale, a changed selection in tests)."""
@@ -315,6 +379,9 @@ class WeightsView(QWidget):
                 self._levels[key] = level
         shown = level if level > 0 else 1e-6
         self.image.setImage(mat, levels=(-shown, shown), autoLevels=False)
+        self.heat_fit.fix_x(0.0, float(mat.shape[1]))
+        if (self.heat_fit.y.lo, self.heat_fit.y.hi) != (0.0, float(mat.shape[0])):
+            self.heat_fit.apply(None, self.heat_fit.y.fixed(0.0, float(mat.shape[0])))
         if self.colorbar.levels() != (-shown, shown):
             self.colorbar.setLevels((-shown, shown))
         title = ("change since start" if mode == "delta" else "current values") + f" · {mat.shape[0]}×{mat.shape[1]}"
@@ -340,7 +407,10 @@ class WeightsView(QWidget):
                 if hi <= lo:
                     lo, hi = lo - 1e-6, hi + 1e-6
                 counts, edges = np.histogram(vals, bins=40, range=(lo, hi))
-            self.hist_curve.setData(np.asarray(edges, float), np.asarray(counts, float))
+            edges, counts = np.asarray(edges, float), np.asarray(counts, float)
+            self.hist_curve.setData(edges, counts)
+            if len(counts):
+                self.hist_fit.fit(float(edges[0]), float(edges[-1]), 0.0, float(counts.max()))
         self._draw_bias()
 
     def _draw_bars(self) -> None:
@@ -348,15 +418,19 @@ class WeightsView(QWidget):
         rel = (snap.relative_update or {}) if snap is not None else {}
         if rel:
             labels = sorted(rel, key=_layer_key)
-            self.bars.setOpts(x=np.arange(len(labels)), height=[float(rel[k]) for k in labels], width=0.7)
+            heights = [float(rel[k]) for k in labels]
+            self.bars.setOpts(x=np.arange(len(labels)), height=heights, width=0.7)
+            self.bar_fit.fix_x(-0.5, len(labels) - 0.5)
+            top = finite_min_max(heights)[1]
+            if top == top:
+                self.bar_fit.fit(y_lo=0.0, y_hi=top)
             if labels != getattr(self, "_bar_labels", None):
                 self._bar_labels = labels
                 step = max(1, len(labels) // 8)
                 self.bar_plot.getAxis("bottom").setTicks(
                     [[(i, re.sub(r"\D", "", k) or k) for i, k in enumerate(labels) if i % step == 0]])
         if self._grad_dirty:
-            self._grad_dirty = False
-            self.grad_curve.setData(self.grad.view("step"), self.grad.view("grad_norm"), connect="finite")
+            self._draw_grad()
 
     def _draw_bias(self) -> None:
         snap = self.latest
@@ -377,6 +451,9 @@ class WeightsView(QWidget):
             self.bias_start.setData([], [])
             self.bias_note.setText("no bias in this layer")
             self.bias_note.setPos(0, 0)
+            self.bias_fit.fix_x(-1.0, 1.0)
+            if (self.bias_fit.y.lo, self.bias_fit.y.hi) != (-1.0, 1.0):
+                self.bias_fit.apply(None, self.bias_fit.y.fixed(-1.0, 1.0))
             return
         name, (now, start) = match
         now = np.asarray(now, float)
@@ -384,6 +461,10 @@ class WeightsView(QWidget):
         x = np.arange(len(now))
         self.bias_start.setData(x, start)
         self.bias_now.setData(x, now)
+        self.bias_fit.fix_x(0.0, float(max(1, len(now) - 1)))
+        lo, hi = finite_min_max(now, start)
+        if hi == hi:
+            self.bias_fit.fit(y_lo=lo, y_hi=hi)
         moved = float(np.max(np.abs(now - start))) if len(now) else 0.0
         self.bias_note.setText("")
         frozen = moved == 0 and snap.step

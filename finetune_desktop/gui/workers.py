@@ -1,14 +1,18 @@
-"""Worker objects that run slow work off the GUI thread, wired as in DESIGN.md:
+"""Worker objects that run slow work off the GUI thread:
 
     worker.moveToThread(thread); thread.started -> worker.run; worker.finished -> thread.quit;
-    deleteLater on both.
+    the ThreadPool keeps both until the thread has ended (see ThreadPool). start_job(pool, fn,
+    *args, on_result=..., on_error=...) runs one function on a worker with callbacks on the GUI
+    thread: the way the controllers read and write files.
 
 The training worker adapts the plain training loop's callbacks to Qt signals. The loop calls
 `on_event` on the training thread; the worker keeps step metrics in a list and only the
 latest weight snapshot / phase, and emits them at most ~10 times a second (one signal per
-kind per flush), so the GUI thread never drowns in events. Events are frozen copies, so
-sending them across threads is safe. Cancellation is a flag (TrainControl / threading.Event)
-checked between steps or tokens."""
+kind per flush), so the GUI thread never drowns in events. Every other event (the run
+started, an evaluation, a checkpoint, a pause, the end) first flushes what is buffered, so the
+chart shows every step up to a pause or the end. Events are frozen copies, so sending them
+across threads is safe. Cancellation is a flag (TrainControl / threading.Event) checked
+between steps or tokens."""
 from __future__ import annotations
 
 import sys
@@ -27,7 +31,12 @@ FLUSH_INTERVAL_S = 0.1  # <= 10 UI updates per second
 
 class ThreadPool(QObject):
     """Keeps every (thread, worker) pair alive until its thread has finished, and joins them all.
-    Lives on the GUI thread, so `_thread_finished` runs there (a queued call)."""
+    Lives on the GUI thread, so `_thread_finished` runs there (a queued call).
+
+    Python owns both objects; nothing is deleted with deleteLater. A worker deleted by its own
+    thread's deferred-delete while the GUI thread dropped the last Python reference to it is a
+    race that crashed PySide (a destructor reading a freed Python wrapper). Here the pair is
+    released on the GUI thread only after QThread.wait(), when the thread no longer runs."""
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -40,17 +49,17 @@ class ThreadPool(QObject):
         thread.started.connect(worker.run)
         # quit is thread-safe; a direct connection lets `join` work while the GUI thread waits
         worker.finished.connect(thread.quit, Qt.ConnectionType.DirectConnection)
-        worker.finished.connect(worker.deleteLater)
-        thread.finished.connect(thread.deleteLater)
-        pair = (thread, worker)
-        self._pairs.append(pair)
         thread.finished.connect(self._thread_finished)
+        self._pairs.append((thread, worker))
         thread.start()
         return thread
 
     @Slot()
     def _thread_finished(self) -> None:
         t = self.sender()
+        if t is None:
+            return
+        t.wait()     # finished is sent just before the thread ends: let it end, then let go
         self._pairs = [p for p in self._pairs if p[0] is not t]
 
     def running(self) -> list[QThread]:
@@ -149,6 +158,60 @@ class FunctionWorker(QObject):
             self.finished.emit()
 
 
+class _Callbacks(QObject):
+    """Lives on the thread that started the job (the GUI thread), so the worker's signals reach
+    these slots there, queued: the callbacks may touch widgets."""
+
+    def __init__(self, on_result, on_error, on_done, parent):
+        super().__init__(parent)
+        self.on_result, self.on_error, self.on_done = on_result, on_error, on_done
+
+    @Slot(object)
+    def result(self, value) -> None:
+        if self.on_result is not None:
+            self.on_result(value)
+
+    @Slot(str)
+    def error(self, message: str) -> None:
+        if self.on_error is not None:
+            self.on_error(message)
+
+    @Slot()
+    def finished(self) -> None:
+        try:
+            if self.on_done is not None:
+                self.on_done()
+        finally:
+            self.on_result = self.on_error = self.on_done = None
+            self.deleteLater()
+
+
+def start_job(pool: ThreadPool, fn, *args, on_result=None, on_error=None, on_done=None,
+              name: str = "job") -> FunctionWorker:
+    """Run fn(*args) on a worker thread; the callbacks run on the calling (GUI) thread:
+    on_result(value) or on_error(message), then on_done()."""
+    w = FunctionWorker(fn, *args)
+    cb = _Callbacks(on_result, on_error, on_done, pool)
+    w.result.connect(cb.result)
+    w.error.connect(cb.error)
+    w.finished.connect(cb.finished)
+    pool.start(w, name)
+    return w
+
+
+@dataclass(frozen=True)
+class RunHistory:
+    """Not a loop event: the saved metrics of a run about to be resumed, sent through the same
+    queue so they reach the window before the loop's RunStarted."""
+    rows: tuple
+
+
+@dataclass(frozen=True)
+class RunDetails:
+    """Not a loop event: the run's run.json, read on the training thread after the loop ended."""
+    info: dict
+
+
 class TrainWorker(QObject):
     """Runs the training loop (a plain function) and turns its events into throttled signals."""
 
@@ -158,6 +221,9 @@ class TrainWorker(QObject):
     snapshotReady = Signal(object)     # WeightSnapshot (latest only)
     phaseReady = Signal(object)        # PhaseEvent (latest only)
     checkpointSaved = Signal(object)   # CheckpointSaved
+    paused = Signal(object)            # RunPaused: the loop waits (every step before it is flushed)
+    historyReady = Signal(object)      # list[dict]: a resumed run's saved metrics (before runStarted)
+    detailsReady = Signal(object)      # dict: the run's run.json after the loop ended (before finished)
     runEnded = Signal(object)          # RunFinished | RunStopped | RunFailed
     error = Signal(str)                # an exception the loop did not turn into RunFailed
     finished = Signal()
@@ -210,6 +276,12 @@ class TrainWorker(QObject):
                 self.evalReady.emit(e)
             elif isinstance(e, ev.CheckpointSaved):
                 self.checkpointSaved.emit(e)
+            elif isinstance(e, ev.RunPaused):
+                self.paused.emit(e)
+            elif isinstance(e, RunHistory):
+                self.historyReady.emit(e.rows)
+            elif isinstance(e, RunDetails):
+                self.detailsReady.emit(e.info)
             elif isinstance(e, (ev.RunFinished, ev.RunStopped, ev.RunFailed)):
                 self.ended = e
                 self.runEnded.emit(e)
@@ -242,7 +314,7 @@ class ChatSettings:
 @dataclass(frozen=True)
 class GenerationJob:
     target: str                      # which transcript gets the tokens ("main" or "base")
-    model_spec: str                  # a model folder (HF), or "adapter:<run>" forms handled by ModelCache
+    model_spec: str                  # a model folder, or a "kind::path::path" spec (model_cache.py)
     messages: tuple = field(default_factory=tuple)   # ({"role", "content"}, ...) including the new user turn
     system: str | None = None        # overrides the settings' system prompt (e.g. the run's own)
 
@@ -299,42 +371,6 @@ class GenerateWorker(QObject):
         text = text.strip()
         self.piece.emit(job.target, text)
         self.replyDone.emit(job.target, text)
-
-
-class ModelCache:
-    """Loaded (Model, Tokenizer) pairs by folder, shared by generation workers (one at a time).
-    Specs: an HF folder path; "adapter::<base>::<adapter folder>" applies a PEFT adapter."""
-
-    def __init__(self, max_items: int = 3):
-        self._lock = threading.Lock()
-        self._items: dict[str, tuple] = {}
-        self.max_items = max_items
-
-    def get(self, spec: str):
-        from ..engine import Model, Tokenizer
-        with self._lock:
-            hit = self._items.pop(spec, None)
-            if hit is not None:
-                self._items[spec] = hit
-                return hit
-        if spec.startswith("adapter::"):
-            _, base, adapter = spec.split("::", 2)
-            model = Model.from_pretrained(base)
-            model.load_adapter(adapter)
-            tok = Tokenizer.from_pretrained(base)
-        else:
-            model = Model.from_pretrained(spec)
-            tok = Tokenizer.from_pretrained(spec)
-        with self._lock:
-            self._items[spec] = (model, tok)
-            while len(self._items) > self.max_items:
-                self._items.pop(next(iter(self._items)))
-        return model, tok
-
-    def drop(self, prefix: str = "") -> None:
-        with self._lock:
-            for k in [k for k in self._items if k.startswith(prefix) or prefix in k]:
-                self._items.pop(k, None)
 
 
 def _log_exception() -> None:
