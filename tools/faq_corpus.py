@@ -210,6 +210,29 @@ def heldout_quiz(corpus: Path = CORPUS, max_items: int | None = None) -> list[di
     return items[:max_items] if max_items else items
 
 
+def answer_keys(answers: list[str]) -> list[list[str]]:
+    """Key strings for each answer, as a person writing a quiz would pick them: the numbers, times,
+    prices and names in it (words with a digit, or capitalised words after the first) that no
+    other answer of the same business contains; the whole answer when it has none."""
+    import re
+
+    def candidates(a):
+        words = re.findall(r"[\w$£€.,:'/-]+", a)
+        out = []
+        for i, w in enumerate(words):
+            w = w.strip(".,:'")
+            if len(w) >= 2 and (any(c.isdigit() for c in w) or (i > 0 and w[:1].isupper())):
+                out.append(w)
+        return out
+
+    keys = []
+    for i, a in enumerate(answers):
+        others = " ".join(x for j, x in enumerate(answers) if j != i).casefold()
+        k = [w for w in dict.fromkeys(candidates(a)) if w.casefold() not in others]
+        keys.append(k[:3] or [a.rstrip(".!? ")])
+    return keys
+
+
 def holdout_faq_files(out_dir: Path, corpus: Path = CORPUS) -> list[tuple[Path, Path]]:
     """Write each held-out business as a fine-tuning file (3 wordings per fact, one fixed system
     message, wordings interleaved like the samples) and a quiz file of two other wordings with the
@@ -225,9 +248,10 @@ def holdout_faq_files(out_dir: Path, corpus: Path = CORPUS) -> list[tuple[Path, 
             for f in b.facts:
                 rows.append({"messages": [_msg("system", b.system), _msg("user", f.train_wordings[k]),
                                           _msg("assistant", f.answer)]})
-        for f in b.facts:
+        keys = answer_keys([f.answer for f in b.facts])
+        for f, k in zip(b.facts, keys):
             for w in (f.train_wordings[3], f.heldout_wording):
-                qrows.append({"question": w, "expected": [f.answer.rstrip(".!? ")], "system": b.system})
+                qrows.append({"question": w, "expected": k, "system": b.system})
         data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         quiz.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in qrows), encoding="utf-8")
         pairs.append((data, quiz))
