@@ -18,6 +18,9 @@ What the pretraining sees, per phase-2 epoch (every choice is a pure function of
           the matching answer (finding the fact that answers a question)
   general one wording of a general fact and its answer
   recall  the user states a fact, chats, then asks about it in other words
+  reword  "ask this another way": one wording of a question in, another wording of the same
+          question out (PARAPHRASES_PER_EPOCH per family and epoch); the app uses this skill to
+          give a fine-tune more wordings of each training question (training/augment.py)
 
 Held out, never trained on:
   - one wording of every fact (the last one in a deterministic shuffle): `heldout_quiz()` asks
@@ -43,6 +46,9 @@ WORDINGS_PER_EPOCH = 3
 REPEAT_PER_BUSINESS = 3
 CONTEXT_PER_BUSINESS = 2
 HELDOUT_BUSINESSES = 5       # the first N businesses by name hash (English and Korean mixed)
+PARAPHRASES_PER_EPOCH = 2
+REWORD_PROMPT_EN = "Ask this question another way: "
+REWORD_PROMPT_KO = "이 질문을 다른 말로 물어봐 줘: "
 
 SYSTEM_VARIANTS_EN = [
     None,  # the file's own system sentence
@@ -180,8 +186,29 @@ def epoch_conversations(seed: int, epoch: int, corpus: Path = CORPUS) -> list[li
         qs = r["questions"]
         convs.append([_msg("user", r["statement"]), _msg("assistant", r["ack"]),
                       _msg("user", qs[int(rng.integers(len(qs)))]), _msg("assistant", r["answer"])])
+    convs += reword_conversations(rng, trained, load_general(corpus))
     order = rng.permutation(len(convs))
     return [convs[i] for i in order]
+
+
+def reword_prompt(question: str, lang: str) -> str:
+    return (REWORD_PROMPT_KO if lang == "ko" else REWORD_PROMPT_EN) + question
+
+
+def reword_conversations(rng, businesses: list[Business], general: list[Fact]) -> list[list[dict]]:
+    """'Ask this another way' pairs: two different training wordings of one question (held-out
+    wordings never appear)."""
+    out = []
+    families = [(f.train_wordings, b.lang) for b in businesses for f in b.facts]
+    families += [(f.train_wordings, "ko" if any("\uac00" <= c <= "\ud7a3" for c in f.answer) else "en")
+                 for f in general]
+    for wordings, lang in families:
+        if len(wordings) < 2:
+            continue
+        for _ in range(PARAPHRASES_PER_EPOCH):
+            i, j = rng.choice(len(wordings), size=2, replace=False)
+            out.append([_msg("user", reword_prompt(wordings[i], lang)), _msg("assistant", wordings[j])])
+    return out
 
 
 def plain_documents(corpus: Path = CORPUS) -> list[str]:
