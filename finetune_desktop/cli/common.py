@@ -31,6 +31,19 @@ def auto_float(s: str):
     return v
 
 
+def auto_nonneg_int(s: str):
+    """A whole number >= 0 or the word 'auto'."""
+    if s == "auto":
+        return "auto"
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
+    return v
+
+
 def pos_int(s: str):
     try:
         v = int(s)
@@ -103,6 +116,10 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=pos_int, metavar="N", default=d.max_seq_len,
                    help="longer examples are cut to this many tokens (at most the model's context)")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (data order, LoRA init)")
+    p.add_argument("--reword", type=auto_nonneg_int, metavar="N|auto", default=d.reword_questions,
+                   help="new wordings of each training question that the base model writes before training, so "
+                        "facts carry over to questions worded differently; auto: 4 for question/answer data "
+                        "that gives the same answer to several questions (an FAQ), else 0")
 
 
 def config_from_args(args):
@@ -111,7 +128,8 @@ def config_from_args(args):
 
     base = TrainConfig()
     kw = dict(method=args.method, epochs=args.epochs, batch_size=args.batch_size,
-              learning_rate=args.learning_rate, seed=args.seed, max_seq_len=args.max_seq_len)
+              learning_rate=args.learning_rate, seed=args.seed, max_seq_len=args.max_seq_len,
+              reword_questions=args.reword)
     if args.lora_rank != base.lora_rank:
         kw["lora_rank"] = args.lora_rank
         kw["lora_alpha"] = float(base.lora_alpha / base.lora_rank * args.lora_rank)  # keep scale alpha/r

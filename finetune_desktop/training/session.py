@@ -273,8 +273,53 @@ def start_training(data_path, run_dir=None, config: TrainConfig = TrainConfig(),
                              on_event, control, options)
 
 
+REWORDED_FILE = "reworded.jsonl"
+
+
+def _add_reworded(model, tok, data: PreparedData, config: TrainConfig, run_dir: Path, emit, control) -> int:
+    """Before the first step: more wordings of the training questions from the base model
+    (training/augment.py), saved in the run folder and added to the training examples. A resumed
+    run reads the same file back, so it trains on exactly the same examples."""
+    from .augment import reword, wanted
+
+    path = run_dir / REWORDED_FILE
+    if path.exists():
+        validate_file, encode_conversations, _, DataError = _data_api()
+        rep = validate_file(path, tok, config.max_seq_len)
+        if not rep.ok:
+            raise DataError(rep)
+        new = list(rep.conversations)
+    else:
+        lines = {e.line for e in data.train}
+        convs = [c for c in data.conversations if c.line in lines]
+        n = wanted(config.reword_questions, convs)
+        if n <= 0:
+            return 0
+        emit(Notice(f"the base model is writing {n} more wordings of each training question, so the tuned model "
+                    "learns the facts rather than the exact questions"))
+        res = reword(model, tok, convs, n, seed=config.seed,
+                     should_stop=(lambda: control.stop_requested) if control is not None else None)
+        new = res.conversations
+        _write_conversations(path, new)
+    if new:
+        from ..data import encode_conversations
+
+        data.train.extend(e for e in encode_conversations(tok, new, config.max_seq_len) if e.num_trained_tokens > 0)
+    return len(new)
+
+
+def _write_conversations(path: Path, convs) -> None:
+    import json
+
+    from ..engine.checkpoint import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps({"messages": [m.as_template_dict() for m in c.messages]},
+                                               ensure_ascii=False) + "\n" for c in convs))
+
+
 def _start_locked(model, tok, base_dir, data, data_path, run_dir, config, base, validation_path, on_event,
                   control, options) -> TrainResult:
+    reworded = _add_reworded(model, tok, data, config, run_dir, on_event or (lambda e: None), control)
     attach_method(model, config)
     pad = tok.pad_token_id
     longest = max(len(e) for e in data.train)
@@ -295,7 +340,7 @@ def _start_locked(model, tok, base_dir, data, data_path, run_dir, config, base, 
                  "format": data.report.format, "num_examples": len(data.conversations),
                  "validation_path": str(Path(validation_path).resolve()) if validation_path else None,
                  "validation_sha256": sha256_file(validation_path) if validation_path else None,
-                 "num_train": len(data.train), "num_valid": len(data.valid),
+                 "num_train": len(data.train), "num_valid": len(data.valid), "reworded": reworded,
                  "train_tokens": tokens,
                  "trained_tokens": int(sum(e.num_trained_tokens for e in data.train))},
         "settings": config.to_dict(),
@@ -415,6 +460,8 @@ def _resume_locked(run_dir: Path, extra_epochs: int, emit, control, options, tot
                                      "data (start a new run to train on the new file)")
     data = prepare_data(data_info["path"], tok, config, data_info.get("validation_path"),
                         estimate_tokens_per_second(model, config.method), base_dir=base_dir)
+    if (run_dir / REWORDED_FILE).exists():
+        _add_reworded(model, tok, data, config, run_dir, emit, control)
     attach_method(model, config)
     return train(model, data.train, data.valid, config, hyper, run_dir, on_event=emit, control=control,
                  resume=cp is not None, options=options, base_dir=base_dir, segments=segs, pad_id=tok.pad_token_id,

@@ -1,0 +1,132 @@
+"""More wordings of each training question, written by the base model itself.
+
+A fine-tune learns a fact from the wordings it sees. Three wordings of a question teach the
+model those three; a fourth, unseen wording often gets another fact's answer, because a small
+model keys on the exact words. Seeing more wordings of the same question with the same answer
+is what makes it carry the fact over. So, before training on a file of questions and answers
+(an FAQ, a manual, a support log: data where the same answer is given to several questions),
+the base model is asked, for each training question, to "ask this question another way", a
+skill it learned in pretraining from families of paraphrased questions. Each new wording is
+added as another example with the original answer. The new examples are written to the run
+folder (reworded.jsonl), so a person can read exactly what the model made up.
+
+What is kept: a new wording that differs from every question in the file, is one line of
+reasonable length, and was not also produced for a question with a different answer. Nothing
+here changes the answers.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from ..data.types import Conversation, Message
+from .chat import ChatModel, GenerationSettings, reply_text
+from .quiz import normalize
+
+REWORD_PROMPT_EN = "Ask this question another way: "
+REWORD_PROMPT_KO = "이 질문을 다른 말로 물어봐 줘: "
+PER_QUESTION = 4          # new wordings asked for per training question (with "auto")
+REPEATED_ANSWERS = 1 / 3  # "auto" rewords when at least this share of examples repeat another's answer
+MAX_TRIES = 3             # samples per wanted wording before giving up
+SETTINGS = GenerationSettings(temperature=0.9, top_p=0.95, repetition_penalty=1.0, max_new_tokens=40)
+
+
+@dataclass(frozen=True)
+class RewordResult:
+    conversations: list[Conversation]   # the new examples (each a copy of its original with a new question)
+    asked: int                          # questions the model was asked to reword
+    kept: int                           # new wordings kept
+
+
+def _is_korean(text: str) -> bool:
+    return any("\uac00" <= c <= "\ud7a3" for c in text)
+
+
+def reword_prompt(question: str) -> str:
+    return (REWORD_PROMPT_KO if _is_korean(question) else REWORD_PROMPT_EN) + question
+
+
+def _single_question(conv: Conversation) -> tuple[str, str] | None:
+    """(question, answer) of an example that is one user question and one trained reply (with
+    an optional system message first), else None."""
+    msgs = [m for m in conv.messages if m.role != "system"]
+    if len(msgs) != 2 or msgs[0].role != "user" or msgs[1].role != "assistant" or not msgs[1].weight:
+        return None
+    return msgs[0].content, msgs[1].content
+
+
+def repeated_answer_share(conversations) -> float:
+    """The share of question/answer examples whose answer another example also gives."""
+    pairs = [p for p in map(_single_question, conversations) if p is not None]
+    if not pairs:
+        return 0.0
+    counts = Counter(normalize(a) for _, a in pairs)
+    return sum(counts[normalize(a)] > 1 for _, a in pairs) / len(pairs)
+
+
+def wanted(setting, conversations) -> int:
+    """New wordings per question for a TrainConfig.reword_questions setting ("auto" or a count)."""
+    if setting == "auto":
+        return PER_QUESTION if repeated_answer_share(conversations) >= REPEATED_ANSWERS else 0
+    return max(0, int(setting or 0))
+
+
+MAX_LENGTH_RATIO = 2.5   # a rewording at most this much longer than the question (and 200 characters)
+
+
+def _clean(text: str, question: str) -> str | None:
+    """The new wording tidied, or None when it does not look like a question of its own: empty,
+    far longer than the original, several sentences, or an echo of the prompt."""
+    t = " ".join(text.replace("\ufffd", " ").split())
+    if not (3 <= len(t) <= min(200, max(40, MAX_LENGTH_RATIO * len(question)))):
+        return None
+    if REWORD_PROMPT_EN.strip() in t or REWORD_PROMPT_KO.strip() in t or not re.search(r"\w", t):
+        return None
+    if len(re.findall(r"[.!?。](?:\s|$)", t.rstrip(".!?。 "))) > 0:  # more than one sentence
+        return None
+    return t
+
+
+def reword(model, tokenizer, conversations, per_question: int, seed: int = 0, should_stop=None) -> RewordResult:
+    """New wordings for the question of every question/answer example (see the module docstring)."""
+    if per_question <= 0:
+        return RewordResult([], 0, 0)
+    cm = ChatModel(model, tokenizer, None)
+    existing = {normalize(q) for q, _ in filter(None, map(_single_question, conversations))}
+    made: dict[str, set] = {}          # normalized new wording -> answers it was produced for
+    found: list[tuple[Conversation, str]] = []
+    asked = 0
+    seen_q: set[str] = set()
+    for ci, conv in enumerate(conversations):
+        qa = _single_question(conv)
+        if qa is None or normalize(qa[0]) in seen_q:
+            continue
+        seen_q.add(normalize(qa[0]))
+        asked += 1
+        got = 0
+        for k in range(per_question * MAX_TRIES):
+            if got >= per_question or (should_stop is not None and should_stop()):
+                break
+            s = GenerationSettings(temperature=SETTINGS.temperature, top_p=SETTINGS.top_p,
+                                   repetition_penalty=SETTINGS.repetition_penalty,
+                                   max_new_tokens=SETTINGS.max_new_tokens, seed=seed * 1_000_003 + ci * 97 + k)
+            new = _clean(reply_text(cm, [{"role": "user", "content": reword_prompt(qa[0])}], s), qa[0])
+            if new is None:
+                continue
+            key = normalize(new)
+            if key in existing:
+                continue
+            answers = made.setdefault(key, set())
+            first = not answers
+            answers.add(normalize(qa[1]))
+            if first:
+                found.append((conv, new))
+                got += 1
+    out = []
+    for conv, new in found:
+        if len(made[normalize(new)]) > 1:  # the same words for two different answers: ambiguous
+            continue
+        msgs = tuple(Message(m.role, new, m.weight, m.name) if m.role == "user" else m for m in conv.messages)
+        out.append(Conversation(msgs, conv.line))
+    return RewordResult(out, asked, len(out))
