@@ -54,3 +54,13 @@ def test_the_app_says_what_to_install_or_starts(monkeypatch, tmp_path):
     assert p.returncode == 1
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: Qt cannot open a window") and "apt-get install" in lines[0]
+
+
+def test_the_installed_qt_binding_is_one_the_app_can_run_on():
+    """pyproject.toml keeps PySide6 below 6.12 on Python < 3.12 (its reference-count bug aborts the
+    app there); the installed binding must pass the app's own check."""
+    from finetune_desktop.gui.qtcompat import _binding_leaks, binding_problem
+
+    assert binding_problem() is None
+    if sys.version_info < (3, 12):
+        assert not _binding_leaks()

@@ -19,6 +19,12 @@ def run(args) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1
+    from ..gui.qtcompat import binding_problem
+
+    problem = binding_problem()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     from ..gui.app import run_app
 
     return run_app(args.data)

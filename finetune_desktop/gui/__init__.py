@@ -10,8 +10,6 @@ __all__ = ["MainWindow", "run_app"]
 
 
 def __getattr__(name):
-    import importlib
-    importlib.import_module(__name__ + ".qtcompat")  # binding work-arounds first
     if name == "MainWindow":
         from .main_window import MainWindow
         return MainWindow

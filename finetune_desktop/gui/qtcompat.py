@@ -1,20 +1,15 @@
-"""Work-arounds for bugs in the Qt binding that would otherwise crash the app.
+"""A check for one bug of the Qt binding that would crash the app.
 
 PySide6 6.12.0 wheels (abi3) return the singletons None, True and False to Python without
-taking a new reference: every call of a void Qt method (`w.update()`, `w.setVisible()`), every
-Python override Qt calls (`paintEvent`) and every `Signal.emit()` drops one reference. On
+taking a new reference: every void Qt call and every `Signal.emit()` drops one reference. On
 Python 3.12+ these objects are immortal and nothing happens; on 3.11 their reference counts
 reach zero after a few thousand calls and the interpreter aborts ("none_dealloc: deallocating
-None"). We detect the leak at import and, only when it is there, give those static singletons
-a very large reference count so it can never reach zero. They are never freed anyway, so the
-extra references cost nothing. (The proper fix is a PySide6 release without the bug, or
-Python 3.12+.)"""
+None"). The remedy is the version pin in pyproject.toml (PySide6-Essentials < 6.12 on Python
+< 3.12); `binding_problem()` tells a person who installed that release anyway what to do,
+instead of letting the app crash minutes later."""
 from __future__ import annotations
 
 import sys
-
-_checked = False
-LEAKS = False
 
 
 def _binding_leaks() -> bool:
@@ -31,22 +26,18 @@ def _binding_leaks() -> bool:
     return sys.getrefcount(None) < n0 - 16 or sys.getrefcount(True) < t0 - 16
 
 
-def apply() -> None:
-    global _checked, LEAKS
-    if _checked:
-        return
-    _checked = True
+def binding_problem() -> str | None:
+    """One line saying how to fix the installation when the binding has the bug, else None."""
     if sys.version_info >= (3, 12) or sys.implementation.name != "cpython":
-        return
+        return None
     try:
-        LEAKS = _binding_leaks()
-    except Exception:  # noqa: BLE001 - the probe must never stop the app
-        return
-    if LEAKS:
-        import ctypes
-        for obj in (None, True, False, NotImplemented, Ellipsis):
-            ref = ctypes.c_ssize_t.from_address(id(obj))   # ob_refcnt: the first field of every PyObject
-            ref.value += 1 << 48
+        leaks = _binding_leaks()
+    except Exception:  # noqa: BLE001 - the probe itself must never stop the app
+        return None
+    if not leaks:
+        return None
+    import PySide6
 
-
-apply()
+    return (f"PySide6 {PySide6.__version__} has a bug on Python {sys.version_info.major}.{sys.version_info.minor} "
+            "that crashes the app after a few minutes; install an earlier release with "
+            "pip install 'PySide6-Essentials<6.12' (or use Python 3.12 or later)")

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from PySide6.QtGui import QColor, QFont, QFontDatabase
 
-from . import qtcompat  # noqa: F401 - must run before any signal is emitted
-
 # Latin first, then CJK fallbacks so Korean (and Japanese/Chinese) always renders.
 FONT_FAMILIES = [
     "Noto Sans", "Inter", "Segoe UI", "Helvetica Neue", "DejaVu Sans",
