@@ -84,3 +84,27 @@ def test_a_run_keeps_its_reworded_examples_and_a_resume_reuses_them(tmp_path):
     assert p.returncode == 0, p.stderr
     assert (run / "reworded.jsonl").read_bytes() == before
     assert "more wordings" not in p.stdout  # read back, not written again
+
+
+def test_question_dropout_replaces_only_context_tokens():
+    import numpy as np
+
+    from finetune_desktop.training.augment import drop_question_tokens, question_dropout
+
+    special = {0, 1, 2}
+    # <|im_start|> user \n q q q q q q <|im_end|> \n <|im_start|> assistant \n a a a <|im_end|>  pad pad
+    row = [1, 10, 11] + list(range(20, 26)) + [2, 11, 1, 12, 11, 30, 31, 32, 2, 0, 0]
+    lab = [-100] * 14 + [30, 31, 32, 2, -100, -100]
+    am = [1] * 18 + [0, 0]
+    ids, labels, mask = np.array([row] * 64), np.array([lab] * 64), np.array([am] * 64)
+    out = drop_question_tokens(ids, labels, mask, special, 50, 0.5, np.random.default_rng(0))
+    changed = out != ids
+    assert not changed[:, [0, 1, 2, 9, 10, 11, 12, 13]].any()  # special tokens, role markers, reply header
+    assert not changed[:, 14:].any()                           # the trained reply and the padding
+    frac = changed[:, 3:9].mean()
+    assert 0.35 < frac < 0.6, frac                                  # ~p of the question (a few draws repeat it)
+    assert not np.isin(out[changed], list(special)).any()
+    again = drop_question_tokens(ids, labels, mask, special, 50, 0.5, np.random.default_rng(0))
+    np.testing.assert_array_equal(out, again)
+    assert question_dropout("auto", faq()) == 0.3 and question_dropout("auto", conversations(12)) == 0.0
+    assert question_dropout(0.2, conversations(12)) == 0.2

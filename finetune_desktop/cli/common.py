@@ -31,6 +31,11 @@ def auto_float(s: str):
     return v
 
 
+def auto_fraction(s: str):
+    """A number in [0, 1) or the word 'auto'."""
+    return "auto" if s == "auto" else fraction(s)
+
+
 def auto_nonneg_int(s: str):
     """A whole number >= 0 or the word 'auto'."""
     if s == "auto":
@@ -116,6 +121,10 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=pos_int, metavar="N", default=d.max_seq_len,
                    help="longer examples are cut to this many tokens (at most the model's context)")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (data order, LoRA init)")
+    p.add_argument("--question-dropout", type=auto_fraction, metavar="X|auto", default=d.question_dropout,
+                   help="chance that a word of the context (system message, questions) is replaced by a random "
+                        "token at each step, so the model learns what each word says about the answer; auto: 0.3 "
+                        "for question/answer data that gives the same answer to several questions, else 0")
     p.add_argument("--reword", type=auto_nonneg_int, metavar="N|auto", default=d.reword_questions,
                    help="new wordings of each training question that the base model writes before training, so "
                         "facts carry over to questions worded differently; auto: 4 for question/answer data "
@@ -129,7 +138,7 @@ def config_from_args(args):
     base = TrainConfig()
     kw = dict(method=args.method, epochs=args.epochs, batch_size=args.batch_size,
               learning_rate=args.learning_rate, seed=args.seed, max_seq_len=args.max_seq_len,
-              reword_questions=args.reword)
+              reword_questions=args.reword, question_dropout=args.question_dropout)
     if args.lora_rank != base.lora_rank:
         kw["lora_rank"] = args.lora_rank
         kw["lora_alpha"] = float(base.lora_alpha / base.lora_rank * args.lora_rank)  # keep scale alpha/r

@@ -227,6 +227,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def special_ids(self) -> set[int]:
+        """Ids of the added tokens (special tokens such as <|im_start|>, and any others added)."""
+        return {int(i) for i in self._tok.get_added_tokens_decoder()}
+
     def token_to_id(self, token: str | None):
         return None if token is None else self._tok.token_to_id(token)
 

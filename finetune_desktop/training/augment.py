@@ -1,4 +1,15 @@
-"""More wordings of each training question, written by the base model itself.
+"""Helping a fine-tune learn facts rather than exact questions: question-token dropout, and
+more wordings of each training question written by the base model itself.
+
+Question-token dropout (TrainConfig.question_dropout): at every step, each token of the context
+(the system message and the questions, never the trained reply, the special tokens or the chat
+template's role markers) is replaced by a random token with this probability. A model that can
+no longer count on every word of a question being there has to learn what each of its words
+says about the answer, so a question worded differently still points to the right fact.
+Measured on FAQ files of 20 facts in 3 wordings, with unseen rewordings that share some words
+with the training ones: 5 of 20 right without it, 7 of 20 with 0.3 (tools/content_eval.py).
+
+More wordings:
 
 A fine-tune learns a fact from the wordings it sees. Three wordings of a question teach the
 model those three; a fourth, unseen wording often gets another fact's answer, because a small
@@ -30,6 +41,41 @@ PER_QUESTION = 4          # new wordings asked for per training question (with "
 REPEATED_ANSWERS = 1 / 3  # "auto" rewords when at least this share of examples repeat another's answer
 MAX_TRIES = 3             # samples per wanted wording before giving up
 SETTINGS = GenerationSettings(temperature=0.9, top_p=0.95, repetition_penalty=1.0, max_new_tokens=40)
+
+
+QUESTION_DROPOUT = 0.3   # with "auto", for question/answer data that repeats answers (like rewording)
+
+
+def question_dropout(setting, conversations) -> float:
+    """The dropout probability for a TrainConfig.question_dropout setting ("auto" or a number)."""
+    if setting == "auto":
+        return QUESTION_DROPOUT if repeated_answer_share(conversations) >= REPEATED_ANSWERS else 0.0
+    return float(setting or 0.0)
+
+
+def drop_question_tokens(input_ids, labels, attention_mask, protected_ids, vocab_size: int, p: float, rng):
+    """A copy of input_ids (B, T) with context tokens replaced by random ones with probability p.
+    Kept: trained positions (labels != -100), padding, the protected (special) ids, the two tokens
+    after each of them (role markers such as "user\\n") and the token just before a trained reply.
+    Replacements are never protected ids."""
+    import numpy as np
+
+    from ..engine.ops import IGNORE_INDEX
+
+    ids = np.array(input_ids, copy=True)
+    lab = np.asarray(labels)
+    prot = np.fromiter(sorted(protected_ids), dtype=np.int64)
+    special = np.isin(ids, prot)
+    keep = special.copy()
+    for k in (1, 2):
+        keep[:, k:] |= special[:, :-k]
+    keep[:, :-1] |= (lab[:, 1:] != IGNORE_INDEX) & (lab[:, :-1] == IGNORE_INDEX)
+    hit = (lab == IGNORE_INDEX) & (np.asarray(attention_mask) > 0) & ~keep & (rng.random(ids.shape) < p)
+    n = int(hit.sum())
+    if n:
+        allowed = np.setdiff1d(np.arange(vocab_size), prot)
+        ids[hit] = allowed[rng.integers(0, len(allowed), size=n)]
+    return ids
 
 
 @dataclass(frozen=True)

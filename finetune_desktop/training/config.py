@@ -35,6 +35,9 @@ class TrainConfig:
     general_file: str | None = "auto"        # general dialogs whose loss shows forgetting at each evaluation;
                                              # "auto" = the base model's general_eval.jsonl if it ships one
     quiz_file: str | None = None             # a quiz (or training) file scored at each evaluation
+    question_dropout: Union[float, Auto] = "auto"  # chance that a context token is replaced at a step
+                                             # (training/augment.py); auto: 0.3 for question/answer data that
+                                             # repeats answers (an FAQ), else 0
     reword_questions: Union[int, Auto] = "auto"  # new wordings of each training question written by the base
                                              # model (training/augment.py); auto: 4 for question/answer data
                                              # that repeats answers (an FAQ), else 0

@@ -170,6 +170,8 @@ class _Run:
     general_examples: Sequence = ()                 # the base model's general dialogs (forgetting meter)
     quiz_items: Sequence = ()                       # training.quiz items scored at each evaluation
     recall_items: Sequence = ()                     # training questions asked to decide that the answers are learned
+    question_dropout: float = 0.0                   # chance that a context token is replaced (training/augment.py)
+    protected_ids: frozenset = frozenset()          # token ids question dropout never touches
     tokenizer: object = None                        # needed for the quiz and the recall check
 
     @property
@@ -415,7 +417,14 @@ def _step(run: _Run, st: RunState, b, timer: _StepTimer) -> None:
     if opts.phase_events:
         emit(PhaseEvent(step + 1, "forward"))
     t0 = time.perf_counter()
-    logits, cache = model.forward(b.input_ids, attention_mask=b.attention_mask, train=True, rng=rng)
+    ids = b.input_ids
+    if run.question_dropout > 0:
+        from .augment import drop_question_tokens
+
+        ids = drop_question_tokens(b.input_ids, b.labels, b.attention_mask, run.protected_ids,
+                                   model.config.vocab_size, run.question_dropout,
+                                   np.random.default_rng([cfg.seed, step, 7]))
+    logits, cache = model.forward(ids, attention_mask=b.attention_mask, train=True, rng=rng)
     if opts.phase_events:
         emit(PhaseEvent(step + 1, "loss"))
     t1 = time.perf_counter()
@@ -476,7 +485,7 @@ def _step(run: _Run, st: RunState, b, timer: _StepTimer) -> None:
                        "tokens": ntok, "trained_tokens": int(n_counted)})
     emit(sm)
     if detail:
-        emit(StepDetail(step=st.step, learning_rate=lr, input_ids=np.array(b.input_ids), labels=np.array(b.labels),
+        emit(StepDetail(step=st.step, learning_rate=lr, input_ids=np.array(ids), labels=np.array(b.labels),
                         attention_mask=np.array(b.attention_mask), example_lines=tuple(int(x) for x in b.lines),
                         activation_rms=tuple(act_rms), token_losses=row_losses, loss=float(loss),
                         grad_norms=tensor_gn, update_ratios=run.snap.update_ratios(before, rel)))
@@ -619,7 +628,7 @@ def train(model, train_examples, valid_examples, config: TrainConfig, hyper: Hyp
           on_event: Callable | None = None, control: TrainControl | None = None, resume: bool = False,
           options: LoopOptions = LoopOptions(), base_dir=None, segments: list[dict] | None = None,
           pad_id: int = 0, batcher=None, general_examples=(), quiz_items=(), tokenizer=None,
-          recall_items=()) -> TrainResult:
+          recall_items=(), question_dropout: float = 0.0) -> TrainResult:
     """Train `model` (LoRA already attached for method "lora") in place on encoded examples.
 
     run_dir must exist with a run.json (see runs.py / session.py). With resume=True the newest
@@ -633,7 +642,9 @@ def train(model, train_examples, valid_examples, config: TrainConfig, hyper: Hyp
                run_dir=Path(run_dir), emit=on_event or (lambda e: None), control=control or TrainControl(),
                options=options, base_dir=Path(base_dir) if base_dir is not None else None, pad_id=pad_id,
                batcher=batcher or _default_batcher(), general_examples=general_examples, quiz_items=quiz_items,
-               tokenizer=tokenizer, recall_items=recall_items)
+               tokenizer=tokenizer, recall_items=recall_items,
+               question_dropout=question_dropout if tokenizer is not None else 0.0,
+               protected_ids=frozenset(tokenizer.special_ids()) if tokenizer is not None else frozenset())
     run.params = model.trainable_params()
     run.opt = adamw_init(run.params)
     run.acfg = AdamWConfig(weight_decay=config.weight_decay)

@@ -59,6 +59,7 @@ class PreparedData:
     general: list = field(default_factory=list)    # encoded general dialogs (forgetting meter)
     quiz: list = field(default_factory=list)       # training.quiz items scored at each evaluation
     recall: list = field(default_factory=list)     # training questions for the automatic stopping rule
+    question_dropout: float = 0.0                  # resolved TrainConfig.question_dropout
 
 
 # ----------------------------------------------------------------------------- model + data
@@ -139,7 +140,15 @@ def prepare_data(data_path, tokenizer, config: TrainConfig, validation_path=None
                              f"(are the replies cut off at the maximum length of {config.max_seq_len} tokens?)")
     return PreparedData(train_ex, valid_ex, convs, vconvs, report, vreport, _most_common_system_prompt(convs),
                         general=_general_examples(config, tokenizer, base_dir),
-                        quiz=_quiz_items(config), recall=_recall_items(config, convs, train_ex))
+                        quiz=_quiz_items(config), recall=_recall_items(config, convs, train_ex),
+                        question_dropout=_question_dropout(config, convs, train_ex))
+
+
+def _question_dropout(config: TrainConfig, convs, train_ex) -> float:
+    from .augment import question_dropout
+
+    lines = {e.line for e in train_ex}
+    return question_dropout(config.question_dropout, [c for c in convs if c.line in lines])
 
 
 def _recall_items(config: TrainConfig, convs, train_ex) -> list:
@@ -227,6 +236,12 @@ def check_config(config: TrainConfig) -> None:
     lr = config.learning_rate
     if lr != "auto" and (not isinstance(lr, (int, float)) or not lr > 0):
         problems.append(f"learning_rate must be positive or 'auto', not {lr!r}")
+    qd = config.question_dropout
+    if qd != "auto" and (not isinstance(qd, (int, float)) or not 0.0 <= qd < 1.0):
+        problems.append(f"question_dropout must be in [0, 1) or 'auto', not {qd!r}")
+    rw = config.reword_questions
+    if rw != "auto" and (not isinstance(rw, int) or isinstance(rw, bool) or rw < 0):
+        problems.append(f"reword_questions must be a whole number >= 0 or 'auto', not {rw!r}")
     if problems:
         raise TrainingSetupError("; ".join(problems))
 
@@ -341,6 +356,7 @@ def _start_locked(model, tok, base_dir, data, data_path, run_dir, config, base, 
                  "validation_path": str(Path(validation_path).resolve()) if validation_path else None,
                  "validation_sha256": sha256_file(validation_path) if validation_path else None,
                  "num_train": len(data.train), "num_valid": len(data.valid), "reworded": reworded,
+                 "question_dropout": data.question_dropout,
                  "train_tokens": tokens,
                  "trained_tokens": int(sum(e.num_trained_tokens for e in data.train))},
         "settings": config.to_dict(),
@@ -353,7 +369,8 @@ def _start_locked(model, tok, base_dir, data, data_path, run_dir, config, base, 
     write_run_json(run_dir, info)
     return train(model, data.train, data.valid, config, hyper, run_dir, on_event=on_event, control=control,
                  options=options, base_dir=base_dir, pad_id=pad, general_examples=data.general,
-                 quiz_items=data.quiz, tokenizer=tok, recall_items=data.recall)
+                 quiz_items=data.quiz, tokenizer=tok, recall_items=data.recall,
+                 question_dropout=data.question_dropout)
 
 
 def resume_training(run_dir, extra_epochs: int = 0, on_event=None, control: TrainControl | None = None,
@@ -465,4 +482,5 @@ def _resume_locked(run_dir: Path, extra_epochs: int, emit, control, options, tot
     attach_method(model, config)
     return train(model, data.train, data.valid, config, hyper, run_dir, on_event=emit, control=control,
                  resume=cp is not None, options=options, base_dir=base_dir, segments=segs, pad_id=tok.pad_token_id,
-                 general_examples=data.general, quiz_items=data.quiz, tokenizer=tok, recall_items=data.recall)
+                 general_examples=data.general, quiz_items=data.quiz, tokenizer=tok, recall_items=data.recall,
+                 question_dropout=data.question_dropout)
