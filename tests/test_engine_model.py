@@ -610,3 +610,22 @@ def test_load_adapter_with_wrong_rank_names_the_tensor(tmp_path):
     other = make_model("gqa_bias_tied", dtype=np.float32, hidden_size=32, num_attention_heads=4)
     with pytest.raises(Exception, match="lora_A"):
         other.load_adapter(tmp_path / "a")
+
+
+def test_an_adapter_step_keeps_the_fused_base_weights_but_refreshes_decoding():
+    m = make_model("gqa_bias_tied", dtype=np.float32, seed=3)
+    m.add_lora(LoraConfig(r=2, alpha=4.0), seed=1)
+    stems = m._layer_groups(0)[0]
+    W1, _ = m._fused(stems)
+    dw1 = m.decode_weights()
+    for k, v in m.lora.items():
+        if ".lora_B." in k:
+            v += 0.05
+    m.weights_changed(adapters_only=True)
+    assert m._fused(stems)[0] is W1            # frozen base weights: the fused copy stays
+    dw2 = m.decode_weights()
+    assert dw2 is not dw1                      # the adapters changed the merged weights
+    assert not np.allclose(dw2.layers[0][0], dw1.layers[0][0])
+    m.params[stems[0] + ".weight"][...] *= 1.5
+    m.weights_changed()
+    assert m._fused(stems)[0] is not W1

@@ -101,13 +101,17 @@ class Model:
         # and checkpoint loads call weights_changed(). Caches of derived weights (fused q/k/v,
         # decode packing) are keyed on it, so they are exact and never compare values.
         self.version = 0
+        self.base_version = 0   # changes only when the base weights may have (not for an adapter update)
         self._rope_cache: dict = {}
         self._fuse_cache: dict = {}
         self._decode_cache: tuple | None = None
 
-    def weights_changed(self) -> None:
-        """Call after changing any weight or adapter array in place."""
+    def weights_changed(self, adapters_only: bool = False) -> None:
+        """Call after changing any weight or adapter array in place; adapters_only=True when only
+        the LoRA matrices changed (a LoRA optimizer step), which keeps base-weight caches."""
         self.version += 1
+        if not adapters_only:
+            self.base_version += 1
 
     # ------------------------------------------------------------------ construction
     def _check_params(self, source: str = "weights") -> None:
@@ -193,20 +197,20 @@ class Model:
     def _fused(self, stems: tuple[str, ...]):
         """Weight (sum out, in) and bias of one or more projections that share an input, so
         q/k/v and gate/up each run as one larger matmul. With LoRA the base weights are frozen and
-        the fused copy is kept until the weights version changes; without LoRA every weight may
+        the fused copy is kept until the base weights change; without LoRA every weight may
         change in place at any time (full fine-tuning, or a script probing the model), so it is
         made afresh each time (a copy that costs little next to the matmul it feeds)."""
         p = self.params
         if len(stems) == 1:
             return p[stems[0] + ".weight"], p.get(stems[0] + ".bias")
         ent = self._fuse_cache.get(stems)
-        if ent is not None and ent[0] == self.version and self.lora is not None:
+        if ent is not None and ent[0] == self.base_version and self.lora is not None:
             return ent[1], ent[2]
         W = np.concatenate([p[s + ".weight"] for s in stems], axis=0)
         bs = [p.get(s + ".bias") for s in stems]
         b = np.concatenate(bs) if all(x is not None for x in bs) else None
         if self.lora is not None:
-            self._fuse_cache[stems] = (self.version, W, b)
+            self._fuse_cache[stems] = (self.base_version, W, b)
         return W, b
 
     def _layer_groups(self, l: int) -> tuple[tuple[str, ...], ...]:

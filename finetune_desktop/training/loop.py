@@ -460,7 +460,7 @@ def _step(run: _Run, st: RunState, b, timer: _StepTimer) -> None:
         raise TrainingDiverged("the activations overflowed and the gradients became exactly zero")
     before = run.snap.before_update() if (want_snap or detail) else None
     rel = adamw_step(run.params, grads, run.opt, lr, run.acfg)
-    model.weights_changed()
+    model.weights_changed(adapters_only=model.lora is not None)
     t4 = time.perf_counter()
     del grads
     st.step = step + 1
