@@ -13,6 +13,7 @@ import pytest
 
 from finetune_desktop.engine import ops
 from finetune_desktop.engine.lora import lora_backward, lora_forward
+from finetune_desktop.engine.ops import IGNORE_INDEX
 
 EPS = 1e-6
 TOL = 1e-6
@@ -408,3 +409,32 @@ def test_lora_dropout_needs_rng_and_is_off_in_eval(rng):
     y_b, _ = lora_forward(x, A, B, 2.0, dropout=0.5, rng=np.random.default_rng(0))
     np.testing.assert_array_equal(y_a, y_b)
     assert not np.allclose(y_a, y_eval), "dropout 0.5 must change the output"
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_head_and_loss_by_rows_equal_the_full_logits_path(chunk):
+    """ops.head_xent_forward (logits only for counted rows, a chunk at a time, the head's
+    backward done in place) gives the loss, counts, dh and dW of the plain path: full logits,
+    cross_entropy_forward/backward, and the linear layer's backward."""
+    rng = np.random.default_rng(4)
+    B, T, C, V = 3, 7, 5, 11
+    h = rng.standard_normal((B, T, C))
+    W = rng.standard_normal((V, C))
+    labels = rng.integers(0, V, (B, T))
+    labels[0, :3] = IGNORE_INDEX
+    labels[2, :] = IGNORE_INDEX  # a row with nothing to predict
+    logits, lc = ops.linear_forward(h, W)
+    loss, ce = ops.cross_entropy_forward(logits.copy(), labels)
+    dlogits = ops.cross_entropy_backward(ce, dtype=np.float64)
+    dh_ref, dW_ref, _ = ops.linear_backward(dlogits, lc)
+    targets = ops.shifted_targets(labels)
+    denom = int((targets != IGNORE_INDEX).sum())
+    rl = np.full(B * T, np.nan)
+    total, counted, correct, dh, dW = ops.head_xent_forward(h.reshape(-1, C), W, targets.reshape(-1), denom,
+                                                          need_dh=True, need_dW=True, chunk_rows=chunk,
+                                                          row_losses=rl)
+    assert counted == ce[5] == denom and correct == ce[6]
+    assert abs(total / counted - loss) < 1e-12
+    np.testing.assert_allclose(dh.reshape(B, T, C), dh_ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dW, dW_ref, rtol=1e-10, atol=1e-12)
+    assert np.isnan(rl[2 * T:]).all() and abs(np.nansum(rl) - total) < 1e-10

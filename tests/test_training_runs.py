@@ -102,11 +102,14 @@ def test_auto_epochs_rule():
     assert auto.auto_epochs(1000) == 3
     assert auto.auto_epochs(20000) == 1
     # extra passes for small sets only while the run stays short
-    assert auto.auto_epochs(100, tokens_per_epoch=9_000) == 4
-    assert auto.auto_epochs(100, tokens_per_epoch=40_000) == 3
+    budget = auto.SMALL_SET_TOKEN_BUDGET
+    wanted = -(-auto.MIN_EXAMPLE_PASSES // 100)
+    assert auto.auto_epochs(100, tokens_per_epoch=budget // 4) == min(wanted, 4)
+    assert auto.auto_epochs(100, tokens_per_epoch=budget // 2) == 3  # never fewer than the default
+    assert auto.auto_epochs(100, tokens_per_epoch=budget) == 3
     assert auto.auto_epochs(10, tokens_per_epoch=1_000) == auto.MAX_EPOCHS
     assert auto.auto_epochs(10, tokens_per_epoch=6_000) == auto.SMALL_SET_TOKEN_BUDGET // 6_000
-    assert auto.resolve(TrainConfig(), 100, 80, train_tokens=40_000).epochs == 3
+    assert auto.resolve(TrainConfig(), 100, 80, train_tokens=budget).epochs == 3
     for n in (1, 5, 50, 130, 500, 5000, 100000):
         e = auto.auto_epochs(n)
         assert 1 <= e <= auto.MAX_EPOCHS

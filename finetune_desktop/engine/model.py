@@ -10,6 +10,7 @@ H query heads, KVH key/value heads, G = H // KVH, hd head dim.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -73,6 +74,17 @@ def init_params(cfg: ModelConfig, seed: int = 0, std: float = 0.02, dtype=np.flo
             s = std / np.sqrt(2 * cfg.num_hidden_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
             out[name] = (rng.standard_normal(shape) * s).astype(dtype)
     return out
+
+
+@dataclass
+class HeadLoss:
+    """Model.head_loss's result: the mean loss and counts, and the gradient to go on backward with."""
+    loss: float
+    counted: int                 # positions whose next token counts
+    correct: int                 # of those, how many the model's top guess got right
+    dh: list                     # per shard: gradient of the final hidden states (B, T, C), or None
+    dW_out: np.ndarray | None    # the output layer's gradient (full fine-tuning), else None
+    row_losses: np.ndarray | None = None  # (T,) loss of each counted token of batch row 0, NaN elsewhere
 
 
 def _check_finite(params: dict[str, np.ndarray], source) -> None:
@@ -313,7 +325,22 @@ class Model:
 
         The batch rows are split into shards that run in parallel threads (engine/parallel.py);
         each shard writes its logits straight into its rows of one array (no concatenation).
+        Training does not need the whole logits array: see forward_hidden / head_loss.
         Generation does not come through here: see engine/decode.py."""
+        ids, cache = self.forward_hidden(input_ids, attention_mask, train, rng)
+        shards, caches = cache
+        logits = np.empty((ids.shape[0], ids.shape[1], self.config.vocab_size), self.dtype)
+        W_out = self._w_out()
+        run_all(lambda i: ops.linear_forward(caches[i][3], W_out, out=logits[shards[i]]), len(shards))
+        return logits, cache
+
+    def _w_out(self) -> np.ndarray:
+        p = self.params
+        return p["model.embed_tokens.weight"] if self.config.tie_word_embeddings else p["lm_head.weight"]
+
+    def forward_hidden(self, input_ids, attention_mask=None, train: bool = False, rng=None):
+        """Every layer and the final norm, without the output layer -> (ids (B, T), cache); the
+        cache holds each shard's final hidden states (B, T, C) for head_loss."""
         ids = np.asarray(input_ids)
         if ids.ndim == 1:
             ids = ids[None]
@@ -324,13 +351,44 @@ class Model:
         rows = row_generators(rng, ids.shape[0]) if train else None
         rngs = [None if rows is None else rows[s] for s in shards]
         masks = [None if attention_mask is None else np.asarray(attention_mask)[s] for s in shards]
-        logits = np.empty((ids.shape[0], ids.shape[1], self.config.vocab_size), self.dtype)
-        caches = run_all(lambda i: self._forward_one(ids[shards[i]], masks[i], train, rngs[i],
-                                                     logits[shards[i]], eff), len(shards))
-        return logits, (shards, caches)
+        caches = run_all(lambda i: self._forward_one(ids[shards[i]], masks[i], train, rngs[i], eff), len(shards))
+        return ids, (shards, caches)
 
-    def _forward_one(self, ids, attention_mask, train: bool, rng, logits_out, eff):
-        """One shard's forward; its logits go into logits_out (B, T, V). -> the backward's cache."""
+    def head_loss(self, cache, labels, need_grad: bool = True, row_losses: bool = False) -> HeadLoss:
+        """The output layer and the cross-entropy (HF semantics: shifted inside, -100 ignored,
+        mean over counted tokens) over forward_hidden's cache, by chunks of counted rows only,
+        with the gradient down to the final hidden states (ops.head_xent_forward). With
+        row_losses, the loss of every counted token of batch row 0 (NaN elsewhere) comes back."""
+        shards, caches = cache
+        targets = ops.shifted_targets(np.asarray(labels).reshape(-1, caches[0][3].shape[1]))
+        denom = int((targets != ops.IGNORE_INDEX).sum())
+        W_out = self._w_out()
+        need_dW = need_grad and self.lora is None
+        V = self.config.vocab_size
+        chunk = max(16, min(1024, (8 << 20) // max(V, 1)))  # about 32 MB of logits at a time
+
+        def one(i):
+            h = caches[i][3]
+            b, T, C = h.shape
+            rl = np.full(b * T, np.nan) if row_losses and i == 0 else None
+            out = ops.head_xent_forward(h.reshape(-1, C), W_out, targets[shards[i]].reshape(-1), denom,
+                                        need_dh=need_grad, need_dW=need_dW, chunk_rows=chunk, row_losses=rl)
+            return out + (rl[:T] if rl is not None else None,)
+
+        parts = run_all(one, len(shards))
+        total = sum(x[0] for x in parts)
+        counted = sum(x[1] for x in parts)
+        dW = None
+        if need_dW:
+            dW = parts[0][4]
+            for x in parts[1:]:
+                dW += x[4]
+        dh = [x[3].reshape(caches[i][3].shape) if need_grad else None for i, x in enumerate(parts)]
+        return HeadLoss(total / counted if counted else 0.0, counted, sum(x[2] for x in parts), dh, dW,
+                        parts[0][5])
+
+    def _forward_one(self, ids, attention_mask, train: bool, rng, eff):
+        """One shard's layers and final norm -> the backward's cache (the final hidden states in it)."""
         cfg = self.config
         p = self.params
         B, T = ids.shape
@@ -369,27 +427,51 @@ class Model:
             d, c_d = self._proj_forward(g_d, act, train, rng, eff)  # (B, T, C)
             x = x + d
             layer_caches.append((c_ln1, c_qkv, c_rq, c_rk, c_att, c_o, c_ln2, c_gu, c_act, c_d))
-        hN, c_lnf = ops.rmsnorm_forward(x, p["model.norm.weight"], cfg.rms_norm_eps)
-        W_out = p["model.embed_tokens.weight"] if cfg.tie_word_embeddings else p["lm_head.weight"]
-        _, c_head = ops.linear_forward(hN, W_out, out=logits_out)  # (B, T, V)
-        return (c_emb, layer_caches, c_lnf, c_head, (B, T, KVH, G, hd))
+        hN, c_lnf = ops.rmsnorm_forward(x, p["model.norm.weight"], cfg.rms_norm_eps)  # (B, T, C)
+        return (c_emb, layer_caches, c_lnf, hN, (B, T, KVH, G, hd))
 
     # ------------------------------------------------------------------ backward
     def backward(self, dlogits, cache) -> dict[str, np.ndarray]:
-        """Mirror of forward, call by call in reverse. Returns grads keyed by HF names (for
-        trainable tensors only); a tied lm_head's gradient is folded into embed_tokens.
-        The shards run in parallel and their gradients are summed in shard order (deterministic)."""
+        """Mirror of forward, call by call in reverse, from the logits' gradient. Returns grads
+        keyed by HF names (for trainable tensors only); a tied lm_head's gradient is folded into
+        embed_tokens. The shards run in parallel and their gradients are summed in shard order
+        (deterministic)."""
         shards, caches = cache
-        parts = run_all(lambda i: self._backward_one(dlogits[shards[i]], caches[i]), len(shards))
-        return sum_into_first(parts)  # every array in parts[0] is fresh from this backward
+        W_out = self._w_out()
+        frozen = self.lora is not None
 
-    def _backward_one(self, dlogits, cache) -> dict[str, np.ndarray]:
+        def head(i):
+            dl2 = dlogits[shards[i]].reshape(-1, W_out.shape[0])
+            h2 = caches[i][3].reshape(-1, W_out.shape[1])
+            return (dl2 @ W_out).reshape(caches[i][3].shape), (None if frozen else dl2.T @ h2)
+
+        parts = run_all(head, len(shards))
+        dW = None
+        if not frozen:
+            dW = parts[0][1]
+            for x in parts[1:]:
+                dW += x[1]
+        return self.backward_hidden(HeadLoss(0.0, 0, 0, [x[0] for x in parts], dW, None), cache)
+
+    def backward_hidden(self, hl: HeadLoss, cache) -> dict[str, np.ndarray]:
+        """The backward from the final hidden states' gradient (head_loss) down to the embeddings."""
+        shards, caches = cache
+        parts = run_all(lambda i: self._backward_one(hl.dh[i], caches[i]), len(shards))
+        grads = sum_into_first(parts)  # every array in parts[0] is fresh from this backward
+        if hl.dW_out is not None:
+            if self.config.tie_word_embeddings:
+                grads["model.embed_tokens.weight"] += hl.dW_out
+            else:
+                grads["lm_head.weight"] = hl.dW_out
+        return grads
+
+    def _backward_one(self, dhN, cache) -> dict[str, np.ndarray]:
+        """One shard's backward from the final hidden states' gradient dhN (B, T, C)."""
         cfg = self.config
-        c_emb, layer_caches, c_lnf, c_head, (B, T, KVH, G, hd) = cache
+        c_emb, layer_caches, c_lnf, _, (B, T, KVH, G, hd) = cache
         H = KVH * G
         frozen = self.lora is not None
         grads: dict[str, np.ndarray] = {}
-        dhN, dW_out, _ = ops.linear_backward(dlogits, c_head, need_dW=not frozen)
         dx, dnorm = ops.rmsnorm_backward(dhN, c_lnf, need_dw=not frozen)
         if not frozen:
             grads["model.norm.weight"] = dnorm
@@ -421,12 +503,7 @@ class Model:
                 grads[pre + "input_layernorm.weight"] = dw
             dx = dx + dres
         if not frozen:
-            dE = ops.embedding_backward(dx, c_emb)
-            if cfg.tie_word_embeddings:
-                dE += dW_out
-            else:
-                grads["lm_head.weight"] = dW_out
-            grads["model.embed_tokens.weight"] = dE
+            grads["model.embed_tokens.weight"] = ops.embedding_backward(dx, c_emb)
         return grads
 
     # ------------------------------------------------------------------ public API
@@ -484,11 +561,9 @@ class Model:
         labels = np.asarray(labels)
         if ids.ndim == 1:
             ids, labels = ids[None], labels[None]
-        logits, cache = self.forward(ids, attention_mask=attention_mask, train=train, rng=rng)
-        loss, lc = self.loss_forward(logits, labels, overwrite_logits=True)
-        del logits
-        dlogits = self.loss_backward(lc)
-        return loss, self.backward(dlogits, cache)
+        _, cache = self.forward_hidden(ids, attention_mask, train, rng)
+        hl = self.head_loss(cache, labels)
+        return hl.loss, self.backward_hidden(hl, cache)
 
     def loss(self, input_ids, labels, attention_mask=None) -> tuple[float, int, int]:
         """Evaluation: (mean loss, counted tokens, correctly predicted tokens)."""
@@ -496,9 +571,9 @@ class Model:
         labels = np.asarray(labels)
         if ids.ndim == 1:
             ids, labels = ids[None], labels[None]
-        logits, _ = self.forward(ids, attention_mask=attention_mask)
-        loss, lc = self.loss_forward(logits, labels, overwrite_logits=True)
-        return loss, lc.counted, lc.correct
+        _, cache = self.forward_hidden(ids, attention_mask)
+        hl = self.head_loss(cache, labels, need_grad=False)
+        return hl.loss, hl.counted, hl.correct
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,

@@ -262,6 +262,58 @@ def cross_entropy_backward(cache, dtype=np.float32, denom=None, out=None):
     return out.reshape(shape)
 
 
+# ----------------------------------------------------------------------------- output head + loss, by rows
+def head_xent_forward(h, W, targets, denom: int, need_dh: bool = True, need_dW: bool = False,
+                      chunk_rows: int = 256, row_losses=None):
+    """The output layer and the cross-entropy together, a chunk of rows at a time, only for rows
+    whose target counts: logits (rows, V) are never made for the whole batch, and positions that
+    do not count (prompt, padding) cost nothing. h (N, C), W (V, C), targets (N,) with
+    IGNORE_INDEX where nothing is predicted; denom: the number of counted tokens of the whole
+    batch (the loss is their mean). Each chunk's softmax becomes its gradient at once, so the
+    backward through the head happens here too: dh = dlogits @ W, and with need_dW
+    dW = dlogits.T @ h.
+    -> (loss sum over counted rows (float), counted, correct, dh (N, C) or None, dW (V, C) or None);
+    row_losses, a float array (N,), receives each counted row's loss."""
+    N, C = h.shape
+    idx = np.flatnonzero(targets != IGNORE_INDEX)
+    dh = np.zeros((N, C), h.dtype) if need_dh else None  # (N, C)
+    dW = np.zeros(W.shape, h.dtype) if need_dW else None  # (V, C)
+    total, correct = 0.0, 0
+    inv = h.dtype.type(1.0 / max(denom, 1))
+    for a in range(0, len(idx), chunk_rows):
+        rows = idx[a:a + chunk_rows]
+        tv = targets[rows]
+        hr = h[rows]  # (R, C)
+        lg = hr @ W.T  # (R, V)
+        correct += int((lg.argmax(axis=-1) == tv).sum())
+        lg -= lg.max(axis=-1, keepdims=True)
+        r = np.arange(len(rows))
+        picked = lg[r, tv].astype(np.float64)
+        np.exp(lg, out=lg)
+        ssum = lg.sum(axis=-1, keepdims=True)
+        nll = np.log(ssum[:, 0].astype(np.float64)) - picked  # (R,)
+        total += float(nll.sum())
+        if row_losses is not None:
+            row_losses[rows] = nll
+        if need_dh or need_dW:
+            lg /= ssum  # softmax, then its gradient in place: (p - onehot) / denom
+            lg[r, tv] -= 1.0
+            lg *= inv
+            if need_dh:
+                dh[rows] = lg @ W
+            if need_dW:
+                dW += lg.T @ hr
+    return total, len(idx), correct, dh, dW
+
+
+def shifted_targets(labels):
+    """labels (B, T) aligned with the inputs -> targets (B, T): position t predicts labels[t + 1]."""
+    labels = np.asarray(labels)
+    t = np.full(labels.shape, IGNORE_INDEX, dtype=np.int64)
+    t[:, :-1] = labels[:, 1:]
+    return t
+
+
 def token_accuracy(ce_cache):
     n, correct = ce_cache[5], ce_cache[6]
     return correct / n if n else 0.0

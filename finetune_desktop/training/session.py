@@ -24,7 +24,7 @@ from .control import TrainControl
 from .loading import open_model
 from .loop import LoopOptions, TrainResult, default_segments, train
 from .events import Notice
-from .runs import (LOCK_FILE, RunError, RunLock, latest_checkpoint, new_run_dir, now_iso, read_run_json,
+from .runs import (LOCK_FILE, RunError, RunLock, lock_holder, latest_checkpoint, new_run_dir, now_iso, read_run_json,
                    remove_leftovers, sha256_file, truncate_metrics, versions, write_run_json)
 
 
@@ -259,6 +259,10 @@ def check_run_dir_free(run_dir) -> Path:
         if not run_dir.is_dir():
             raise RunFolderInUse(f"{run_dir} exists and is not a folder")
         if any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+            holder = lock_holder(run_dir)
+            if holder is not None and holder.get("pid") != os.getpid():
+                raise RunFolderInUse(f"{run_dir} is being written by another process "
+                                     f"(pid {holder.get('pid', '?')} on {holder.get('host', '?')})")
             if (run_dir / "run.json").exists():
                 raise RunFolderInUse(f"{run_dir} already holds a run")
             raise RunFolderInUse(f"{run_dir} exists and is not empty")
