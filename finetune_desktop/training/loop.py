@@ -424,27 +424,26 @@ def _step(run: _Run, st: RunState, b, timer: _StepTimer) -> None:
         ids = drop_question_tokens(b.input_ids, b.labels, b.attention_mask, run.protected_ids,
                                    model.config.vocab_size, run.question_dropout,
                                    np.random.default_rng([cfg.seed, step, 7]))
-    logits, cache = model.forward(ids, attention_mask=b.attention_mask, train=True, rng=rng)
+    _, cache = model.forward_hidden(ids, attention_mask=b.attention_mask, train=True, rng=rng)
     if opts.phase_events:
         emit(PhaseEvent(step + 1, "loss"))
     t1 = time.perf_counter()
-    if detail:
-        from .inspect import per_token_losses
-
-        row_losses = per_token_losses(logits[0], np.asarray(b.labels)[0])
-        act_rms = model.residual_rms(cache, b.attention_mask)
-    loss, lc = model.loss_forward(logits, b.labels, overwrite_logits=True)
-    del logits
+    # the output layer and the loss together, by chunks of the positions that count: the full
+    # (batch, tokens, vocabulary) logits never exist
+    hl = model.head_loss(cache, b.labels, need_grad=True, row_losses=detail)
+    loss = hl.loss
     if not math.isfinite(loss):
         raise TrainingDiverged(f"the loss became {'NaN' if math.isnan(loss) else 'infinite'}")
-    dlogits = model.loss_backward(lc)
-    n_counted, n_correct = lc.counted, lc.correct
-    del lc
+    n_counted, n_correct = hl.counted, hl.correct
+    if detail:
+        row_losses = np.full(len(hl.row_losses), np.nan)
+        row_losses[1:] = hl.row_losses[:-1]  # the loss of token t is predicted at position t - 1
+        act_rms = model.residual_rms(cache, b.attention_mask)
     if opts.phase_events:
         emit(PhaseEvent(step + 1, "backward"))
     t2 = time.perf_counter()
-    grads = model.backward(dlogits, cache)
-    del cache, dlogits
+    grads = model.backward_hidden(hl, cache)
+    del cache, hl
     if opts.phase_events:
         emit(PhaseEvent(step + 1, "update"))
     t3 = time.perf_counter()
