@@ -131,6 +131,13 @@ class LiveModel:
                 self._maybe_measure(on_event)
         return emit
 
+    def measure_now(self):
+        """TensorChanges of the weights as they are (a reader: the loop waits or has ended)."""
+        meter = self._meter
+        if meter is None:
+            return None
+        return TensorChanges(self._step, meter.measure() if not meter.note else {}, meter.note)
+
     def final_measure(self, on_event) -> None:
         """After the loop (the model is what the run saved)."""
         self._maybe_measure(on_event, force=True)

@@ -36,7 +36,7 @@ class TeachingActions:
         t.alarmRaised.connect(self._on_alarm)
         t.noticeSent.connect(self._on_notice)
         t.changesReady.connect(self.overview.set_changes)
-        self.overview.wantedChanged.connect(t.set_want_changes)
+        self.overview.wantedChanged.connect(self._overview_wanted)
         self.overview.matrixChosen.connect(self._show_matrix)
         self.banners.keepBestRequested.connect(self.training.stop_keeping_best)
         self.banners.stopRequested.connect(self.stop_training)
@@ -83,6 +83,18 @@ class TeachingActions:
         self.last_notice = message
 
     # ------------------------------------------------------------------ weights
+    def _overview_wanted(self, on: bool) -> None:
+        """The overview is shown (or hidden): the training thread measures only while it is; a run
+        that waits in a pause (or has ended) is measured now, as a reader."""
+        self.training.set_want_changes(on)
+        live = self.training.live
+        if not on or live is None or not self.training.current_weights_readable():
+            return
+        if self.training.begin_read() is None:
+            return
+        start_job(self.pool, live.measure_now, on_result=lambda ch: ch is not None and self.overview.set_changes(ch),
+                  on_done=self.training.end_read, name="measure-changes")
+
     def _show_matrix(self, layer: str, proj: str) -> None:
         self.weights_view.select(layer, proj)
         self.monitor.tabs.setCurrentWidget(self.weights_view)
