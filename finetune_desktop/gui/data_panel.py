@@ -296,6 +296,9 @@ class DataPanel(QWidget):
                                     "what it computed, phase by phase.")
         self.step_button.setEnabled(False)
         brow = QHBoxLayout()
+        brow.setSpacing(4)
+        for b in (self.run_button, self.step_button, self.pause_button, self.stop_button):
+            b.setMinimumWidth(44)          # four buttons share the panel's width; none widens the panel
         brow.addWidget(self.run_button, 2)
         brow.addWidget(self.step_button, 1)
         brow.addWidget(self.pause_button, 1)

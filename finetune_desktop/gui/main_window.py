@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from PySide6.QtCore import QByteArray, Qt, QTimer, Signal
+from PySide6.QtCore import QByteArray, QSize, Qt, QTimer, Signal
 from PySide6.QtWidgets import (QFileDialog, QMainWindow, QMessageBox, QScrollArea, QSplitter, QTabWidget,
                                QVBoxLayout, QWidget)
 
@@ -36,6 +36,17 @@ from .window_teaching import TeachingActions
 from .workers import ThreadPool, plain_error
 
 CHOOSE_FOLDER = "__choose__"
+
+
+class SettingsScroll(QScrollArea):
+    """Scrolls the settings up and down, never sideways: so it is never narrower than they need
+    (with room for its scroll bar), or they would be clipped."""
+
+    def minimumSizeHint(self) -> QSize:
+        hint = super().minimumSizeHint()
+        inner = self.widget().minimumSizeHint().width() if self.widget() is not None else 0
+        extra = 2 * self.frameWidth() + self.verticalScrollBar().sizeHint().width()
+        return QSize(max(hint.width(), inner + extra), hint.height())
 
 
 class MainWindow(QMainWindow, RunsActions, TeachingActions, InteropActions):
@@ -97,7 +108,7 @@ class MainWindow(QMainWindow, RunsActions, TeachingActions, InteropActions):
         self.drop_zone = dp.drop_zone
         self.run_button, self.pause_button, self.stop_button = dp.run_button, dp.pause_button, dp.stop_button
         self.progress_bar, self.epochs_spin = dp.progress, dp.epochs
-        scroll = QScrollArea()
+        scroll = SettingsScroll()
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QScrollArea.Shape.NoFrame)
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
@@ -107,7 +118,6 @@ class MainWindow(QMainWindow, RunsActions, TeachingActions, InteropActions):
         self.left_tabs.setObjectName("leftTabs")
         self.left_tabs.addTab(scroll, "Data && settings")
         self.left_tabs.addTab(self.history, "Runs")
-        self.left_tabs.setMinimumWidth(300)
 
         self.monitor = MonitorPanel()
         self.loss_panel, self.phase_strip = self.monitor.loss_panel, self.monitor.phase_strip

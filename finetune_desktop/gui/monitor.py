@@ -40,7 +40,6 @@ class MonitorPanel(QWidget):
         self.tabs.setTabToolTip(1, "Every layer and matrix at once, coloured by how far it moved since the start; "
                                    "the update size per layer and the gradient norm.")
         self.tabs.setUsesScrollButtons(True)
-        self.weights_view.title_label.hide()        # the tab says it
         self.splitter = QSplitter(Qt.Orientation.Vertical)
         self.splitter.setObjectName("centreSplitter")
         self.splitter.addWidget(top)

@@ -217,7 +217,9 @@ class OverviewView(QWidget):
 
     def _draw_grad(self) -> None:
         x, y = self.grad.view("step"), self.grad.view("grad_norm")
-        self.grad_curve.setData(x, y, connect="finite")
+        few = len(x) < 40             # a few steps (step mode): dots, or a single step would not show
+        self.grad_curve.setData(x, y, connect="finite", symbol="o" if few else None, symbolSize=5,
+                                symbolBrush=style.GRADNORM, symbolPen=None)
         if len(x):
             if x[-1] > (self.grad_fit.x.hi or 0.0):
                 self.grad_fit.fix_x(0.0, float(max(self._total_steps, x[-1])))

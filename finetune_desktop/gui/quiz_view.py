@@ -132,6 +132,8 @@ class QuizView(QWidget):
         row.addWidget(self.file_label, 1)
         row.addWidget(self.ask_button)
         row.addWidget(self.stop_button)
+        for b in (self.choose, self.ask_button, self.stop_button):
+            b.setMinimumWidth(40)
         self.score = QLabel("After a run, the tuned and the base model answer the same questions here.")
         self.score.setObjectName("quizScore")
         self.score.setWordWrap(True)

@@ -18,7 +18,7 @@ from PySide6.QtWidgets import (QButtonGroup, QHBoxLayout, QLabel, QPushButton, Q
                                QStackedWidget, QVBoxLayout, QWidget)
 
 from .tensor_grid import LayerTensorGrid, kind_label, split_tensor
-from .token_view import TokenStrip
+from .token_view import TokenStrip, legend_html
 from .tokens import describe
 from .workers import start_job
 
@@ -82,11 +82,12 @@ class StepView(QWidget):
             b = QPushButton(TITLES[key])
             b.setObjectName(f"stepPhase_{key}")
             b.setCheckable(True)
+            b.setMinimumWidth(40)
             b.clicked.connect(lambda _=False, k=key: self.show_phase(k))
             group.addButton(b)
             bar.addWidget(b, 1)
             self.phase_buttons[key] = b
-        self.open_tokens = QPushButton("Token loss view…")
+        self.open_tokens = QPushButton("Per token…")
         self.open_tokens.setToolTip("Open this example in the per-token loss view (probabilities, top guesses, "
                                     "before vs now).")
         self.open_tokens.clicked.connect(self._open_tokens)
@@ -136,11 +137,20 @@ class StepView(QWidget):
         loss_scroll.setWidgetResizable(True)
         loss_scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         loss_scroll.setWidget(self.loss_strip)
+        loss_page = QWidget()
+        lp = QVBoxLayout(loss_page)
+        lp.setContentsMargins(0, 0, 0, 0)
+        lp.setSpacing(2)
+        legend = QLabel(legend_html())
+        legend.setWordWrap(True)
+        legend.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        lp.addWidget(legend)
+        lp.addWidget(loss_scroll, 1)
         self.grad_grid = LayerTensorGrid("gradient norm (this step)")
         self.grad_grid.setObjectName("stepGradGrid")
         self.update_grid = LayerTensorGrid("update / weight (this step)")
         self.update_grid.setObjectName("stepUpdateGrid")
-        self.pages = {"batch": scroll, "forward": self.forward_plot, "loss": loss_scroll,
+        self.pages = {"batch": scroll, "forward": self.forward_plot, "loss": loss_page,
                       "backward": self.grad_grid, "update": self.update_grid}
         for key in PHASES:
             self.stack.addWidget(self.pages[key])
@@ -250,10 +260,10 @@ class StepView(QWidget):
             return (f"<b>Backprop</b>: for every trainable tensor, which way to move it to lower the loss. Colour: the "
                     f"size (L2 norm) of that direction, the gradient, per layer and matrix{_others(d.grad_norms)}. "
                     f"Largest: {_largest(d.grad_norms)}.")
-        return (f"<b>Update</b>: AdamW moves every trainable tensor a small step against its gradient. The learning "
-                f"rate of this step is <b>{d.learning_rate:.2e}</b>. Colour: how far the weights moved relative to "
-                f"their size, ||ΔW|| / ||W||{_others(d.update_ratios)}. Largest: {_largest(d.update_ratios)}: "
-                "fine-tuning nudges, it does not rewrite.")
+        return (f"<b>Update</b>: AdamW moves every trainable tensor a step against its gradient; the learning "
+                f"rate of this step, <b>{d.learning_rate:.2e}</b>, sets how far. Colour: how far each weight matrix "
+                f"moved relative to its size, ||ΔW|| / ||W||{_others(d.update_ratios)}. Largest: "
+                f"{_largest(d.update_ratios)}. Too large a step would wreck what pre-training learned.")
 
     def _open_tokens(self) -> None:
         if self.picture is not None and self.picture.rows:

@@ -19,6 +19,7 @@ from PySide6.QtWidgets import QToolTip
 from . import style
 
 MIN_ROW_PX = 7
+LABEL_CELLS_UP_TO = 12 * 8    # cells that get their value written in them (a small model's grid)
 KIND_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHORT = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
          "down_proj": "down", "input_layernorm": "norm1", "post_attention_layernorm": "norm2"}
@@ -100,6 +101,7 @@ class LayerTensorGrid(pg.GraphicsLayoutWidget):
         self.others: dict[str, float] = {}
         self._shape = None
         self._levels = None
+        self._labels: list[pg.TextItem] = []
         self.scene().sigMouseMoved.connect(self._hover)
         self.scene().sigMouseClicked.connect(self._clicked)
 
@@ -108,6 +110,8 @@ class LayerTensorGrid(pg.GraphicsLayoutWidget):
         self.grid, self.kinds, self.layers, self.others = grid, kinds, layers, others
         if not grid.size:
             self.image.clear()
+            while self._labels:
+                self.plot.removeItem(self._labels.pop())
             return
         finite = grid[np.isfinite(grid) & (grid > 0)]
         lo = math.floor(math.log10(float(finite.min()))) if finite.size else -6
@@ -125,6 +129,26 @@ class LayerTensorGrid(pg.GraphicsLayoutWidget):
         if self._shape != grid.shape or getattr(self, "_kinds_shown", None) != kinds:
             self._shape, self._kinds_shown = grid.shape, list(kinds)
             self._relabel()
+        self._write_values(shown, lo, hi)
+
+    def _write_values(self, shown: np.ndarray, lo: float, hi: float) -> None:
+        """A small grid gets each value written in its cell (white on the dark cells)."""
+        rows, cols = self.grid.shape
+        want = rows * cols if rows * cols <= LABEL_CELLS_UP_TO else 0
+        while len(self._labels) > want:
+            self.plot.removeItem(self._labels.pop())
+        while len(self._labels) < want:
+            t = pg.TextItem("", anchor=(0.5, 0.5))
+            t.setFont(style.app_font(7.5))
+            self.plot.addItem(t, ignoreBounds=True)
+            self._labels.append(t)
+        for i, t in enumerate(self._labels):
+            r, c = divmod(i, cols)
+            v = self.grid[r, c]
+            t.setText("" if not np.isfinite(v) else f"{v:.2g}")
+            dark = (shown[r, c] - lo) / (hi - lo) > 0.55
+            t.setColor((255, 255, 255) if dark else (30, 40, 50))
+            t.setPos(c + 0.5, r + 0.5)
 
     def _relabel(self) -> None:
         rows, cols = self.grid.shape

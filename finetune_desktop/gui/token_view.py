@@ -181,12 +181,12 @@ class TokenLossView(QWidget):
     def _build(self) -> None:
         self.example_box = QComboBox()
         self.example_box.setObjectName("tokenExampleBox")
-        self.example_box.setMinimumContentsLength(18)
+        self.example_box.setMinimumContentsLength(10)
         self.example_box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.example_box.setToolTip("Which example: training or validation, by its line in the file.")
         self.model_box = QComboBox()
         self.model_box.setObjectName("tokenModelBox")
-        self.model_box.setMinimumContentsLength(14)
+        self.model_box.setMinimumContentsLength(8)
         self.model_box.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.model_box.setToolTip("Whose predictions: the base model, a checkpoint, the tuned model, or the "
                                   "current weights (while the run is paused or after it ended).")
@@ -203,7 +203,8 @@ class TokenLossView(QWidget):
         row.addWidget(QLabel("Model"))
         row.addWidget(self.model_box, 1)
         row.addWidget(self.compare)
-        self.legend = QLabel(_legend_html())
+        self.legend = QLabel(legend_html())
+        self.legend.setWordWrap(True)
         self.legend.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.before = TokenPane("before: base model")
         self.now = TokenPane("now")
@@ -335,9 +336,9 @@ class TokenLossView(QWidget):
             self.computed.emit()
 
 
-def _legend_html() -> str:
+def legend_html() -> str:
     stops = [0.0, 1.0, 2.0, 3.0, 4.5, LOSS_SCALE_MAX]
     cells = "".join(f"<span style='background-color:rgb{loss_rgb(v)}'>&nbsp;{v:g}&nbsp;</span>" for v in stops)
     grey = f"<span style='background-color:rgb{loss_rgb(None)}'>&nbsp;grey&nbsp;</span>"
-    return (f"Loss per token (nats): {cells}+ · {grey} does not count toward the loss · "
-            "hover a token for its probability and the model's top 3 guesses")
+    return (f"Loss per token (nats): {cells}+ · {grey} not counted · hover a token: its probability and "
+            "the model's top 3 guesses")

@@ -109,8 +109,7 @@ class WeightsView(QWidget):
         self.rescale_button.clicked.connect(self.rescale)
         row = QHBoxLayout()
         row.setContentsMargins(0, 0, 0, 0)
-        self.title_label = QLabel("<b>Weights &amp; biases</b>")
-        for w in (self.title_label, self.layer_box, self.proj_box, self.mode_delta, self.mode_now,
+        for w in (self.layer_box, self.proj_box, self.mode_delta, self.mode_now,
                   self.rescale_button):
             row.addWidget(w)
         row.addStretch(1)
@@ -368,6 +367,9 @@ class WeightsView(QWidget):
             self.heat_fit.apply(None, self.heat_fit.y.fixed(0.0, float(rows)))
         if self.colorbar.levels() != (-shown, shown):
             self.colorbar.setLevels((-shown, shown))
+            # three short labels (automatic ones like -0.0004 do not fit the bar's narrow axis)
+            half = shown / 2
+            self.colorbar.axis.setTicks([[(-half, short_number(-half)), (0.0, "0"), (half, short_number(half))], []])
         self._draw_norms(mat)
         how = "(α/r)·B·A" if self.method == "lora" else "W − W₀"
         title = (f"change since start = {how}" if mode == "delta" else "current values") + f" · {rows}×{cols}"
@@ -377,8 +379,11 @@ class WeightsView(QWidget):
         peak = float(np.max(np.abs(mat)))
         clipped = float(np.mean(np.abs(mat) > shown)) if shown > 0 else 0.0
         what = "largest change" if mode == "delta" else "largest value"
-        self.info.setText(f"step {snap.step}: {name} · {what} {peak:.3g} · colour scale ±{shown:.2g} "
-                          f"({100 * (1 - clipped):.0f}% of the cells inside)")
+        short = name.removeprefix("model.").removesuffix(".weight")
+        self.info.setText(f"step {snap.step}: {short} · {what} {peak:.3g} · scale ±{shown:.2g} "
+                          f"({100 * (1 - clipped):.1f}% of cells inside)")
+        self.info.setToolTip(f"{name}\nThe colour scale is symmetric and set from the {LEVEL_PERCENTILE:.0f}th "
+                             "percentile of |values|, so a few extreme weights do not wash out the rest.")
 
     def _draw_norms(self, mat: np.ndarray) -> None:
         """RMS of each column and each row of the shown matrix: where the change concentrates."""
@@ -453,6 +458,14 @@ class WeightsView(QWidget):
             self.bias_plot.setTitle(title, size="8pt")
         self.bias_plot.setToolTip("Grey: the pre-trained bias values. Red: the values now. With LoRA the "
                                   "original weights and biases stay frozen; the change lives in the adapters.")
+
+
+def short_number(v: float) -> str:
+    """At most ~5 characters: 0.25, -0.03, 2e-4, -5e-6."""
+    if v == 0 or abs(v) >= 0.01:
+        return f"{v:.2g}"
+    m, e = f"{v:.0e}".split("e")
+    return f"{m}e{int(e)}"
 
 
 def percentile_level(mat: np.ndarray) -> float:

@@ -11,7 +11,7 @@ from .step_view import StepView
 from .token_view import LIVE, TokenLossView
 from .workers import start_job
 
-LIVE_LABEL = "Current weights of this run"
+LIVE_LABEL = "Current weights (paused run)"
 
 
 class TeachingActions:
