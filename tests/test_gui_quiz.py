@@ -136,6 +136,8 @@ def test_replies_lose_stray_replacement_characters_only_at_their_ends(qtbot, mon
     assert clean_reply("\ufffd Hello \ufffd there\ufffd ") == "Hello \ufffd there"
     assert clean_reply(" \ufffd\ufffd안녕하세요") == "안녕하세요"
     assert clean_reply("\ufffd") == ""
+    assert clean_reply("\x13Ahoy\x13 matey\x07\n") == "Ahoy\x13 matey"       # lone byte tokens decode to controls too
+    assert clean_reply("\ufffdAhoy\ufffd", final=False) == "Ahoy\ufffd"     # a streamed end may still complete
     # through the chat panel: the model's stream starts with a stray byte
     monkeypatch.setattr(workers, "stream_reply", lambda *a, **k: iter(["\ufffd", "Ahoy", " \ufffd matey", "\ufffd"]))
     from finetune_desktop.gui import MainWindow

@@ -106,7 +106,7 @@ def test_a_run_training_in_another_process_cannot_be_continued_or_deleted(qtbot,
         (run / "run.json").write_text(json.dumps(info))
         w = open_window(qtbot, tiny_model)
         r = row_of(w, run)
-        assert w.history.table.item(r, 2).text() == "● running elsewhere"
+        assert w.history.table.item(r, 2).text() == "● elsewhere"
         assert f"pid {holder.pid}" in w.history.table.item(r, 2).toolTip()
         w.history.table.selectRow(r)
         h = w.history

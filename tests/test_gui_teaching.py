@@ -219,7 +219,7 @@ def test_overfit_banner_stops_and_keeps_the_best_checkpoint(window, qtbot, tmp_p
     qtbot.waitUntil(lambda: banner.isVisible() or not w.is_training(), timeout=300_000)
     assert banner.isVisible(), "no alarm during the run"
     text = w.banners.alarm_label.text()
-    assert "memorise" in text and "validation loss went up" in text
+    assert "Overfitting" in text and "memorising" in text and "validation loss went up" in text
     qtbot.mouseClick(w.banners.keep_best_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: not w.is_training(), timeout=120_000)
     run_dir = Path(w.run_dir)

@@ -9,8 +9,8 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
 HEADLINES = {
-    "overfit": "The model has started to memorise instead of learn.",
-    "forgetting": "The model is forgetting what it knew before.",
+    "overfit": "Overfitting:",
+    "forgetting": "Forgetting:",
 }
 EXTRA_STYLE = """
 #overfitBanner { background: #fff1e0; border: 1px solid #e3a35a; border-radius: 4px; }
@@ -85,9 +85,9 @@ class Banners(QWidget):
         self.alarm = alarm
         head = HEADLINES.get(alarm.kind, "Something in this run needs your attention.")
         best = alarm.best_step is not None
-        what = (f" Stopping now saves the weights of step {alarm.best_step} (the lowest validation loss) as "
-                "this run's model." if best else "")
-        self.alarm_label.setText(f"<b>{html.escape(head)}</b> {html.escape(alarm.message)}{html.escape(what)}")
+        self.alarm_label.setText(f"<b>{html.escape(head)}</b> {html.escape(alarm.message)}")
+        self.keep_best_button.setToolTip(f"Stop now and save the weights of step {alarm.best_step} (the lowest "
+                                         "validation loss) as this run's model." if best else "")
         self.keep_best_button.setVisible(best)
         self.keep_best_button.setEnabled(running)
         self.keep_best_button.setText("Stop and keep the best checkpoint")

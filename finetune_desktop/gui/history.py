@@ -8,7 +8,7 @@ from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLab
                                QTableWidgetItem, QTextBrowser, QVBoxLayout, QWidget)
 
 STATUS_TEXT = {"finished": "✔ finished", "stopped": "■ stopped", "failed": "✖ failed", "running": "● running",
-               "interrupted": "⚠ interrupted", "elsewhere": "● running elsewhere"}
+               "interrupted": "⚠ interrupted", "elsewhere": "● elsewhere"}
 
 
 def status_of(info) -> str:
@@ -168,7 +168,8 @@ class HistoryPanel(QWidget):
         except (TypeError, ValueError):
             pass
         import html
-        lines = [f"<b>{html.escape(entry.title)}</b> — {STATUS_TEXT.get(st, st)}",
+        long_status = "● running elsewhere (another process trains it)" if st == "elsewhere" else STATUS_TEXT.get(st, st)
+        lines = [f"<b>{html.escape(entry.title)}</b> — {long_status}",
                  f"folder: {info.path}",
                  f"created {info.created[:19].replace('T', ' ')}",
                  f"data: {info.data_path}", f"base model: {info.base_model}",

@@ -27,6 +27,7 @@ from .buffers import EmaState, Series
 from .ranges import StableRange, ViewFit, finite_min_max
 
 LR_STRIP_INTERVAL_S = 1.0   # the learning-rate strip redraws at most this often during a run
+EPOCH_LABEL_PX = 80         # epoch labels at least this far apart
 STEP_COLS = ("step", "epoch", "loss", "smooth", "acc", "lr", "grad_norm", "tps")
 EVAL_COLS = ("step", "epoch", "valid_loss", "valid_acc", "general_loss", "quiz")
 
@@ -90,10 +91,16 @@ class LossChart(pg.PlotWidget):
         self.acc_view.setGeometry(self.getPlotItem().vb.sceneBoundingRect())
         self.acc_view.linkedViewChanged(self.getPlotItem().vb, self.acc_view.XAxis)
 
-    def add_epoch_line(self, step: float, epoch: int) -> None:
+    def add_epoch_line(self, step: float, epoch: int, steps_shown: float = 0.0) -> None:
+        """A dotted line at an epoch's end. Its label ("epoch 3") only when labels stay apart:
+        every 1st, 2nd, 5th, 10th, ... epoch, so that labels are at least EPOCH_LABEL_PX apart."""
+        width = max(1.0, float(self.getPlotItem().vb.width()))
+        px_per_epoch = width * (step / max(1, epoch)) / max(1.0, steps_shown or step)
+        every = next((n for n in (1, 2, 5, 10, 20, 50, 100, 200, 500) if n * px_per_epoch >= EPOCH_LABEL_PX), 1000)
+        label = {"label": f"epoch {epoch}", "labelOpts": {"position": 0.95, "color": (110, 110, 110)}} \
+            if epoch % every == 0 else {}
         line = pg.InfiniteLine(pos=step, angle=90, movable=False,
-                               pen=pg.mkPen((150, 150, 150), width=1, style=Qt.PenStyle.DotLine),
-                               label=f"epoch {epoch}", labelOpts={"position": 0.95, "color": (110, 110, 110)})
+                               pen=pg.mkPen((150, 150, 150), width=1, style=Qt.PenStyle.DotLine), **label)
         self.getPlotItem().addItem(line, ignoreBounds=True)
         self.epoch_lines.append(line)
 
@@ -218,14 +225,16 @@ class LossPanel(QWidget):
                  (_hex(style.VALID), "●", "validation loss"), (_hex(style.ACCURACY), "━", "token accuracy (right)"),
                  (_hex(style.LR), "━", "learning rate (below)")]
         if self._has_general:
-            parts.insert(3, (_hex(style.GENERAL), "■", "general ability (forgetting meter)"))
+            parts.insert(3, (_hex(style.GENERAL), "■", "general ability"))
         if self._has_quiz:
             parts.insert(4, (_hex(style.QUIZ), "▲", "quiz score (right)"))
+            parts = [p if p[2] != "token accuracy (right)" else (p[0], p[1], "accuracy (right)") for p in parts]
         for name, item in self.chart.overlays.items():
             parts.append((_hex(getattr(item, "colour", (100, 100, 100))), "┅", name))
         import html
-        self.legend.setText("&nbsp;&nbsp;".join(f"<span style='color:{c}'>{sym}</span>&nbsp;{html.escape(t)}"
-                                                for c, sym, t in parts))
+        # an entry never breaks inside itself, only between entries
+        self.legend.setText(" &nbsp;".join(f"<span style='color:{c}'>{sym}</span>&nbsp;"
+                                           + html.escape(t).replace(" ", "&nbsp;") for c, sym, t in parts))
 
     # ------------------------------------------------------------------ settings
     def save_settings(self, s) -> None:
@@ -287,7 +296,7 @@ class LossPanel(QWidget):
         if (general, quiz) == (self._has_general, self._has_quiz):
             return
         self._has_general, self._has_quiz = general, quiz
-        self.chart.getPlotItem().getAxis("right").setLabel("token accuracy · quiz score" if quiz else "token accuracy",
+        self.chart.getPlotItem().getAxis("right").setLabel("accuracy · quiz" if quiz else "token accuracy",
                                                           color=_hex(style.ACCURACY))
         self._update_legend()
 
@@ -332,7 +341,7 @@ class LossPanel(QWidget):
             k = int(math.floor(float(e) + 1e-9))
             if k > self._last_epoch_int:
                 self._last_epoch_int = k
-                self.chart.add_epoch_line(float(s), k)
+                self.chart.add_epoch_line(float(s), k, float(self._total_steps or 0))
         self._changed()
 
     # ------------------------------------------------------------------ overlays (run comparison)

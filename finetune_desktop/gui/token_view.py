@@ -132,6 +132,7 @@ class TokenPane(QWidget):
         super().__init__(parent)
         self.title = QLabel(f"<b>{html.escape(title)}</b>")
         self.title.setWordWrap(True)
+        self.title.setMinimumHeight(2 * self.title.fontMetrics().lineSpacing() + 2)
         self.strip = TokenStrip()
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
@@ -151,8 +152,10 @@ class TokenPane(QWidget):
             self.strip.clear()
             return
         counted = [x for x in pic.losses if x is not None]
-        self.title.setText(f"<b>{html.escape(pic.label)}</b> · mean loss over the {len(counted)} counted tokens "
+        label = pic.label if len(pic.label) <= 44 else pic.label[:43] + "…"
+        self.title.setText(f"<b>{html.escape(label)}</b><br>mean loss over the {len(counted)} counted tokens "
                            f"<b>{pic.mean_loss:.3f}</b>")
+        self.title.setToolTip(pic.label)
         self.strip.set_tokens([p.text for p in pic.pieces], [p.kind for p in pic.pieces], list(pic.losses),
                               lambda i, pic=pic: describe(pic, i))
 

@@ -157,7 +157,10 @@ class TeachingActions:
 
     # ------------------------------------------------------------------ did it learn?
     def _ask_quiz(self, run_dir: str, model_dir: str) -> None:
-        data = self.data.path or (self.runs.entry(run_dir).info.data_path if self.runs.entry(run_dir) else None)
-        if not data:
-            return
-        self.quiz_view.ask(data, model_dir, self._base_of_spec(model_dir))
+        """After a finished run: its own training file and base model (run.json, read when the loop
+        ended), else the window's."""
+        details = self.training.details or {}
+        data = (details.get("data") or {}).get("path") or self.data.path
+        base = (details.get("base_model") or {}).get("path") or self._base_of_spec(model_dir)
+        if data and Path(data).is_file():
+            self.quiz_view.ask(data, model_dir, base)

@@ -390,17 +390,24 @@ class GenerateWorker(QObject):
         self.replyDone.emit(job.target, text)
 
 
+def _stray(ch: str) -> bool:
+    """A replacement character (a byte that is not a whole character) or a control character
+    (what a lone byte token such as 0x13 decodes to)."""
+    import unicodedata
+    return ch == "\ufffd" or (unicodedata.category(ch) == "Cc" and not ch.isspace())
+
+
 def clean_reply(text: str, final: bool = True) -> str:
-    """A reply as shown: without the stray replacement characters a small model can produce at
-    the very start or end (a lone byte token that is not a whole character), and without outer
-    whitespace. One inside the text is kept. final=False: a streamed reply so far (its end may
-    still become a character)."""
+    """A reply as shown: without the stray replacement (or control) characters a small model can
+    produce at the very start or end (a lone byte token that is not a whole character), and
+    without outer whitespace. Those inside the text are kept. final=False: a streamed reply so far
+    (its end may still become a character)."""
     t = text.lstrip()
-    while t.startswith("\ufffd"):
+    while t and _stray(t[0]):
         t = t[1:].lstrip()
     if final:
         t = t.rstrip()
-        while t.endswith("\ufffd"):
+        while t and _stray(t[-1]):
             t = t[:-1].rstrip()
     return t
 
