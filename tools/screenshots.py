@@ -5,8 +5,8 @@
 
 Scenes (each a fresh window at 1280x800, app data in a temporary folder):
   main      a short run on the Korean sample, Compare mode in the chat -> screenshot_1280x800.png,
-            screenshot_1920x1080.png, then the per-token loss view before vs now -> view_token_loss.png,
-            the weights tab -> view_weights.png and which matrices moved -> view_which_moved.png
+            screenshot_1920x1080.png (the weights tab), then which matrices moved -> view_which_moved.png and
+            the per-token loss view before vs now -> view_token_loss.png
   step      Step from idle, one picture per phase in the lecture's order -> step_1_pretrained.png
             (the batch, read by the pre-trained weights), step_2_forward.png, step_3_loss.png,
             step_4_backprop.png, step_5_update.png
@@ -95,11 +95,6 @@ class Shooter:
         self.wait(lambda: not w.is_training(), "the training thread")
         return done[0]
 
-    def tabs_tall(self, w, top: int = 300) -> None:
-        """More room for the centre tabs (the loss chart keeps `top` pixels)."""
-        total = sum(w.monitor.splitter.sizes())
-        w.monitor.splitter.setSizes([top, total - top])
-
     def save(self, w, name: str, size=(1280, 800)) -> None:
         if (w.width(), w.height()) != size:
             w.resize(*size)
@@ -130,8 +125,6 @@ def scene_main(s: Shooter) -> None:
     w.monitor.tabs.setCurrentWidget(w.weights_view)
     for size in ((1280, 800), (1920, 1080)):
         s.save(w, f"screenshot_{size[0]}x{size[1]}.png", size)
-    s.tabs_tall(w)
-    s.save(w, "view_weights.png")
     w.monitor.tabs.setCurrentWidget(w.overview)
     s.save(w, "view_which_moved.png")
     line = w.token_view.examples[0].line if w.token_view.examples else 1
@@ -152,7 +145,6 @@ def scene_step(s: Shooter) -> None:
     w.step()
     s.wait(lambda: w.training.waiting and w.step_view.picture is not None and bool(w.step_view.picture.rows),
            "one step")
-    s.tabs_tall(w, 240)
     for i, key in enumerate(("batch", "forward", "loss", "backward", "update"), 1):
         w.step_view.show_phase(key)
         name = {"batch": "pretrained", "backward": "backprop"}.get(key, key)
@@ -185,7 +177,6 @@ def scene_quiz(s: Shooter) -> None:
     w.quiz_view.from_training.setChecked(True)       # the table: are the trained answers reproduced?
     w.quiz_view.ask_again()
     s.wait(lambda: not w.quiz_view.is_asking(), "the quiz on the training questions")
-    s.tabs_tall(w, 330)
     s.save(w, "view_did_it_learn.png")
     w.shutdown()
     w.close()

@@ -45,7 +45,11 @@ class HistoryPanel(QWidget):
         self.setObjectName("runHistory")
         self.table = QTableWidget(0, 5)
         self.table.setObjectName("runTable")
-        self.table.setHorizontalHeaderLabels(["overlay", "run", "status", "train loss", "valid loss"])
+        self.table.setHorizontalHeaderLabels(["∿", "run", "status", "train", "valid"])
+        for c, tip in enumerate(("Tick to draw this run's loss curve on the chart, for comparison.", "The run's name.",
+                                 "finished, stopped, failed, interrupted, running here or elsewhere",
+                                 "Final training loss.", "Final validation loss.")):
+            self.table.horizontalHeaderItem(c).setToolTip(tip)
         self.table.verticalHeader().setVisible(False)
         hh = self.table.horizontalHeader()
         hh.setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
@@ -55,8 +59,8 @@ class HistoryPanel(QWidget):
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.setToolTip("Double-click a run to open its charts and chat with it. Tick 'overlay' to "
-                              "draw its loss curve on the chart for comparison.")
+        self.table.setToolTip("Double-click a run to open its charts and chat with it. Tick the first column "
+                              "to draw its loss curve on the chart for comparison.")
         self.table.itemChanged.connect(self._item_changed)
         self.table.cellDoubleClicked.connect(lambda r, _c: self._emit(self.openRequested, r))
         self.table.itemSelectionChanged.connect(self._show_details)

@@ -97,7 +97,10 @@ class LossChart(pg.PlotWidget):
         width = max(1.0, float(self.getPlotItem().vb.width()))
         px_per_epoch = width * (step / max(1, epoch)) / max(1.0, steps_shown or step)
         every = next((n for n in (1, 2, 5, 10, 20, 50, 100, 200, 500) if n * px_per_epoch >= EPOCH_LABEL_PX), 1000)
-        label = {"label": f"epoch {epoch}", "labelOpts": {"position": 0.95, "color": (110, 110, 110)}} \
+        # the same anchor for every label (pyqtgraph's default flips it at the view's centre, where two
+        # labels then face each other and overlap): always just right of its line
+        label = {"label": f"epoch {epoch}", "labelOpts": {"position": 0.95, "color": (110, 110, 110),
+                                                          "anchors": [(0, 0.5), (0, 0.5)]}} \
             if epoch % every == 0 else {}
         line = pg.InfiniteLine(pos=step, angle=90, movable=False,
                                pen=pg.mkPen((150, 150, 150), width=1, style=Qt.PenStyle.DotLine), **label)

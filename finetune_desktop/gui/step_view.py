@@ -52,6 +52,7 @@ class StepView(QWidget):
     """objectName `stepView`: the centre tab step mode fills."""
 
     openTokens = Signal(int)          # the source line of the example whose loss page is shown
+    phaseShown = Signal(str)          # the phase whose page is shown ("batch", "forward", ...)
 
     def __init__(self, pool, parent=None):
         super().__init__(parent)
@@ -226,6 +227,8 @@ class StepView(QWidget):
         self.phase_buttons[key].setChecked(True)
         self.stack.setCurrentWidget(self.pages[key])
         self.explain.setText(self._explanation(key))
+        if self.picture is not None:
+            self.phaseShown.emit(key)
 
     def _explanation(self, key: str) -> str:
         pic = self.picture

@@ -91,12 +91,15 @@ class TokenStrip(QWidget):
         for i, r in enumerate(self._rects):
             if not r.intersects(e.rect()):
                 continue
-            p.fillRect(r, QColor(*loss_rgb(self.losses[i] if i < len(self.losses) else None)))
+            rgb = loss_rgb(self.losses[i] if i < len(self.losses) else None)
+            p.fillRect(r, QColor(*rgb))
             if i == self.marked:
                 p.setPen(QPen(QColor("#1d2733"), 2))
                 p.drawRect(r.adjusted(1, 1, -1, -1))
             kind = self.kinds[i] if i < len(self.kinds) else "text"
-            p.setPen(QColor("#8a96a3" if kind in ("special", "part") else "#1d2733"))
+            dark = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 150      # white text on the red chips
+            faint = kind in ("special", "part")
+            p.setPen(QColor(("#f2f2f2" if faint else "#ffffff") if dark else ("#7a8794" if faint else "#1d2733")))
             p.drawText(r, Qt.AlignmentFlag.AlignCenter, shown_text_label(self.texts[i]))
         p.end()
 
@@ -152,7 +155,9 @@ class TokenPane(QWidget):
             self.strip.clear()
             return
         counted = [x for x in pic.losses if x is not None]
-        label = pic.label if len(pic.label) <= 44 else pic.label[:43] + "…"
+        bold = self.title.font()
+        bold.setBold(True)
+        label = QFontMetrics(bold).elidedText(pic.label, Qt.TextElideMode.ElideRight, max(120, self.width() - 8))
         self.title.setText(f"<b>{html.escape(label)}</b><br>mean loss over the {len(counted)} counted tokens "
                            f"<b>{pic.mean_loss:.3f}</b>")
         self.title.setToolTip(pic.label)

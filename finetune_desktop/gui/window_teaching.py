@@ -42,6 +42,7 @@ class TeachingActions:
         self.banners.stopRequested.connect(self.stop_training)
         self.data_panel.exampleActivated.connect(self.open_example)
         self.step_view.openTokens.connect(lambda line: self.open_example(line, prefer_live=True))
+        self.step_view.phaseShown.connect(self._step_phase_shown)
         self.data.validationChecked.connect(self._keep_valid_report)
 
     # ------------------------------------------------------------------ step mode
@@ -66,6 +67,11 @@ class TeachingActions:
                 tok = None
         self.step_view.show_detail(d, tok)
         self.monitor.tabs.setCurrentWidget(self.step_view)
+
+    def _step_phase_shown(self, key: str) -> None:
+        """While the run waits after a step, the phase strip lights the phase the step view shows."""
+        if self.is_training() and self.training.waiting:
+            self.phase_strip.set_active(None if key == "batch" else key)
 
     def _update_step_enabled(self) -> None:
         idle_ok = self.run_button.isEnabled()
