@@ -84,7 +84,8 @@ def test_quiz_file_on_the_chart_and_both_models_in_the_table(window, qtbot, tmp_
     assert list(qy) == pytest.approx([e["quiz_score"] / e["quiz_total"] for e in evals])
     gx, gy = chart.general_curve.getData()
     assert list(gy) == pytest.approx([e["general_loss"] for e in evals])  # the forgetting meter
-    assert "quiz score" in w.loss_panel.legend.text() and "general ability" in w.loss_panel.legend.text()
+    legend = " · ".join(w.loss_panel.legend_entries)
+    assert "quiz score (right)" in legend and "general ability" in legend
     # after the run: the table fills, one question at a time, with both models' greedy answers
     with qtbot.waitSignal(w.quiz_view.quizFinished, timeout=180_000) as fin:
         pass
@@ -103,13 +104,18 @@ def test_quiz_file_on_the_chart_and_both_models_in_the_table(window, qtbot, tmp_
     assert (t_score.correct, t_score.total) == (sum(x.correct for x in tuned), len(QUIZ))
     assert (b_score.correct, b_score.total) == (sum(x.correct for x in base), len(QUIZ))
     assert f"{t_score}" in w.quiz_view.score.text()
-    # questions from the training file: is the trained answer reproduced?
+    # questions from the training file: is the trained answer reproduced? Asked while a quiz on the
+    # quiz file is still going: the table shows the newer quiz only
+    w.quiz_view.ask_again()
     w.quiz_view.from_training.setChecked(True)
     with qtbot.waitSignal(w.quiz_view.quizFinished, timeout=180_000):
         w.quiz_view.ask_again()
+    qtbot.wait(200)                                           # what the stopped quiz still sends
     n = sum(1 for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip())
     assert table.rowCount() == min(n, 20)
     assert all(table.item(r, 4).text() in ("✓", "✗") for r in range(table.rowCount()))
+    assert [table.item(r, 0).text() for r in range(3)] != [q["question"] for q in QUIZ]
+    assert not w.quiz_view.is_asking()
 
 
 def test_a_saved_run_reopens_with_its_general_loss_and_quiz_lines(qtbot, tmp_path):
@@ -125,9 +131,9 @@ def test_a_saved_run_reopens_with_its_general_loss_and_quiz_lines(qtbot, tmp_pat
     assert drawn(p.chart.general_curve) == [2.0, 2.3]
     assert drawn(p.chart.quiz_curve) == [0.0, 0.75]
     assert drawn(p.chart.valid_curve) == [2.8]          # no validation at step 0: not drawn
-    assert "general ability" in p.legend.text() and "quiz score" in p.legend.text()
+    assert {"general ability", "quiz score (right)"} <= set(p.legend_entries)
     p.load_rows(rows[1:3])
-    assert "general ability" not in p.legend.text() and drawn(p.chart.general_curve) == []
+    assert "general ability" not in p.legend_entries and drawn(p.chart.general_curve) == []
 
 
 def test_replies_lose_stray_replacement_characters_only_at_their_ends(qtbot, monkeypatch, base_with_general):
@@ -160,6 +166,6 @@ def test_no_general_dialogs_no_meter(qtbot):
     p.add_eval(EvalMetrics(step=0, epoch=0.0, valid_loss=2.0, valid_token_accuracy=0.3))
     p.redraw()
     assert drawn(p.chart.general_curve) == [] and drawn(p.chart.quiz_curve) == []
-    assert "general ability" not in p.legend.text() and "quiz" not in p.legend.text()
+    assert "general ability" not in p.legend_entries and "quiz score (right)" not in p.legend_entries
     assert np.isnan(p.evals.view("general_loss")).all()
 

@@ -132,7 +132,7 @@ def test_step_from_idle_runs_exactly_one_step_like_a_normal_run(window, qtbot, t
         np.testing.assert_array_equal(saved[k], after2[k], err_msg=k)
     # no general dialogs with this base model: the forgetting meter is absent, not faked
     assert w.loss_panel.chart.general_curve.getData()[1] is None or not len(w.loss_panel.chart.general_curve.getData()[1])
-    assert "general ability" not in w.loss_panel.legend.text()
+    assert "general ability" not in w.loss_panel.legend_entries
 
 
 def test_token_loss_view_shows_the_engines_losses_in_korean(window, qtbot, tiny_model):

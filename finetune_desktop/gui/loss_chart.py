@@ -235,6 +235,7 @@ class LossPanel(QWidget):
         for name, item in self.chart.overlays.items():
             parts.append((_hex(getattr(item, "colour", (100, 100, 100))), "┅", name))
         import html
+        self.legend_entries = [t for _, _, t in parts]      # what the legend says, as plain text
         # an entry never breaks inside itself, only between entries
         self.legend.setText(" &nbsp;".join(f"<span style='color:{c}'>{sym}</span>&nbsp;"
                                            + html.escape(t).replace(" ", "&nbsp;") for c, sym, t in parts))

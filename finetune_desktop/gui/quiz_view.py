@@ -202,7 +202,13 @@ class QuizView(QWidget):
     def is_asking(self) -> bool:
         return self.worker is not None
 
+    def _current(self) -> bool:
+        """The signal comes from the quiz asked last (a stopped one may still send a reply)."""
+        return self.sender() is self.worker
+
     def _items_ready(self, items, total: int) -> None:
+        if not self._current():
+            return
         self.items = list(items)
         self.table.setRowCount(len(items))
         for r, item in enumerate(items):
@@ -219,6 +225,8 @@ class QuizView(QWidget):
         self._show_score()
 
     def _result(self, i: int, which: str, res) -> None:
+        if not self._current():
+            return
         self.results[which][i] = res
         col = 3 if which == "tuned" else 1
         reply = clean_reply(res.reply)
@@ -246,11 +254,15 @@ class QuizView(QWidget):
         self.score.setText(head + busy + "<br>" + getattr(self, "_source_note", ""))
 
     def _error(self, message: str) -> None:
+        if not self._current():
+            return
         import html
         self._source_note = f"<span style='color:#a3261b'>The quiz stopped: {html.escape(message)}</span>"
         self.score.setText(self._source_note)
 
     def _finished(self) -> None:
+        if not self._current():
+            return
         self.worker = None
         self.ask_button.setEnabled(self._last is not None)
         self.stop_button.setEnabled(False)
