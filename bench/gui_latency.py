@@ -8,6 +8,12 @@ same settings: the app's defaults, 2 epochs, 10% held out) so the app's training
 compared with the command line's. The subprocess runs after the app has closed, never during it.
 
     python bench/gui_latency.py [--size 1280x800] [--data FILE] [--epochs 2] [--base MODEL] [--repeat N] [--no-cli]
+                                [--tab weights|overview|step|tokens|quiz|cycle]
+
+--tab chooses the centre view on screen while training (default: weights, the earlier sessions'
+view); "overview" makes the training thread measure every matrix's change and the grid redraw at
+up to 2 Hz; "cycle" switches through all five views every 1.5 s. After the run the "Did it
+learn?" quiz starts by itself (tuned and base model on a worker) while the chat reply is measured.
 
 Prints p50 / p99 / max of the gaps for the whole session and per phase (load, train, chat), the
 GUI thread's own CPU time while training, and the app / CLI training times. Targets:
@@ -129,7 +135,7 @@ def run_app(args, home: str) -> dict:
     os.environ["FINETUNE_DESKTOP_NO_CONFIRM"] = "1"
     from finetune_desktop.gui.app import make_application
     app = make_application()
-    from PySide6.QtCore import Qt
+    from PySide6.QtCore import Qt, QTimer
     from PySide6.QtTest import QTest
     from PySide6.QtWidgets import QComboBox, QPushButton, QSpinBox, QWidget
 
@@ -146,6 +152,16 @@ def run_app(args, home: str) -> dict:
             raise SystemExit(f"no {cls.__name__} named {name}")
         return obj
     zone, run = child(QWidget, "dataDropZone"), child(QPushButton, "runButton")
+    views = {"weights": w.weights_view, "overview": w.overview, "step": w.step_view, "tokens": w.token_view,
+             "quiz": w.quiz_view}
+    cycle = QTimer()
+    if args.tab == "cycle":
+        order = list(views.values())
+        cycle.timeout.connect(lambda: w.monitor.tabs.setCurrentWidget(
+            order[(order.index(w.monitor.tabs.currentWidget()) + 1) % len(order)]
+            if w.monitor.tabs.currentWidget() in order else order[0]))
+    else:
+        w.monitor.tabs.setCurrentWidget(views[args.tab])
     finished, replies = [], []
     w.trainingFinished.connect(finished.append)
     w.replyFinished.connect(replies.append)
@@ -163,7 +179,10 @@ def run_app(args, home: str) -> dict:
     s.mark("run")
     gui_cpu0 = time.thread_time()
     QTest.mouseClick(run, Qt.MouseButton.LeftButton)
+    if args.tab == "cycle":
+        cycle.start(1500)
     s.wait_until(lambda: bool(finished), args.timeout, "the training run")
+    cycle.stop()
     s.mark("trained")
     gui_cpu = time.thread_time() - gui_cpu0
     run_dir = Path(finished[0])
@@ -175,6 +194,7 @@ def run_app(args, home: str) -> dict:
     QTest.mouseClick(send, Qt.MouseButton.LeftButton)
     s.wait_until(lambda: bool(replies), 300, "the chat reply")
     s.mark("end")
+    quiz_rows = w.quiz_view.table.rowCount()
     s.timer.stop()
     w.close()
     info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
@@ -183,7 +203,7 @@ def run_app(args, home: str) -> dict:
         "whole session": (None, None), "load file": ("start", "run"), "training": ("run", "trained"),
         "chat": ("chat", "end")}.items()},
         "steps": info.get("step"), "loop_s": float(info["final"]["elapsed_s"]), "wall_s": wall,
-        "gui_cpu_s": gui_cpu, "reply": replies[0], "chat_model": selector.currentText(),
+        "gui_cpu_s": gui_cpu, "reply": replies[0], "chat_model": selector.currentText(), "quiz_rows": quiz_rows,
         "settings": info.get("settings", {}), "hyper": info.get("hyper", {})}
 
 
@@ -214,7 +234,8 @@ def _print_run(res, cli) -> None:
             print(f"{name:<15} {len(g):>6} {np.percentile(g, 50):>8.1f} {np.percentile(g, 99):>8.1f} {g.max():>8.1f}")
     print(f"GUI thread CPU while training: {res['gui_cpu_s']:.2f} s of {res['wall_s']:.1f} s "
           f"({100 * res['gui_cpu_s'] / max(1e-9, res['wall_s']):.1f}%)")
-    print(f"chat reply from {res['chat_model']!r}: {res['reply'][:80]!r}")
+    print(f"chat reply from {res['chat_model']!r}: {res['reply'][:80]!r} (the quiz table had {res['quiz_rows']} "
+          "rows meanwhile)")
     if cli is not None:
         print(f"training loop time (run.json final.elapsed_s): app {res['loop_s']:.1f} s, CLI {cli['loop_s']:.1f} s "
               f"-> app/CLI {res['loop_s'] / cli['loop_s']:.2f}; end to end: app Run->finished {res['wall_s']:.1f} s, "
@@ -234,6 +255,8 @@ def main(argv=None) -> int:
                     help="sessions; with the CLI they alternate app, CLI, app, CLI (a busy machine drifts)")
     ap.add_argument("--no-cli", action="store_true", help="skip the command-line comparison runs")
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    ap.add_argument("--tab", default="weights", choices=("weights", "overview", "step", "tokens", "quiz", "cycle"),
+                    help="the centre view on screen while training (cycle: all of them in turn)")
     args = ap.parse_args(argv)
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     load_before = machine_load()
@@ -243,7 +266,8 @@ def main(argv=None) -> int:
         res = run_app(args, home)
         cli = None if args.no_cli else run_cli(args, res["settings"], home)
         print(f"--- session {i + 1}/{args.repeat}: window {res['size'][0]}x{res['size'][1]} ({args.size} asked), "
-              f"{Path(args.data).name}, {args.epochs} epochs, {res['steps']} steps; {machine_load()}", flush=True)
+              f"{Path(args.data).name}, {args.epochs} epochs, {res['steps']} steps, centre view {args.tab}; "
+              f"{machine_load()}", flush=True)
         _print_run(res, cli)
         runs.append((res, cli))
     size = runs[0][0]["size"]
@@ -256,7 +280,7 @@ def main(argv=None) -> int:
     print(f"whole session: p99 {', '.join(f'{v:.1f}' for v in p99s)} ms (median {p99:.1f}); max "
           f"{', '.join(f'{v:.0f}' for v in maxes)} ms -> latency {'PASS' if ok else 'FAIL'} (targets: "
           + ("p99 <= 35 ms at 3840x2160" if large else "p99 <= 20 ms and max <= 100 ms at 1280x800") + ")")
-    out = {"size": size, "load_start": load_before, "load_end": machine_load(), "sessions": [
+    out = {"size": size, "tab": args.tab, "load_start": load_before, "load_end": machine_load(), "sessions": [
         {"steps": r["steps"], "gui_cpu_s": r["gui_cpu_s"], "app_loop_s": r["loop_s"], "app_wall_s": r["wall_s"],
          "cli_loop_s": c["loop_s"] if c else None, "cli_wall_s": c["wall_s"] if c else None,
          "gaps": {k: {"n": len(v), "p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99)),

@@ -111,7 +111,6 @@ def test_weights_view_draws_a_few_times_a_second_and_not_when_hidden(qtbot, tmp_
     qtbot.waitExposed(v)
     drawn = []
     v.snapshotDrawn.connect(drawn.append)
-    v.set_total_steps(100)
     # snapshots arrive 10 times faster than the view may draw them: it keeps only the latest
     for _ in range(12):
         v.add_snapshot(snap)

@@ -55,7 +55,8 @@ def test_enter_sends_and_reply_arrives(window, qtbot):
     assert w.chat.transcript.messages[-1]["content"] == reply
     assert inp.toPlainText() == ""
     saved = Path(os.environ["FINETUNE_DESKTOP_HOME"]) / "chats" / "base.jsonl"
-    qtbot.waitUntil(lambda: saved.exists(), timeout=10_000)    # appended on a worker thread
+    qtbot.waitUntil(lambda: saved.exists() and saved.read_text(encoding="utf-8").endswith("\n"),
+                    timeout=10_000)    # appended on a worker thread (the line, not just the file)
     rec = json.loads(saved.read_text(encoding="utf-8").splitlines()[-1])
     assert rec["user"] == "안녕하세요 captain" and rec["assistant"] == reply
     # the same seed and settings give the same reply

@@ -70,7 +70,8 @@ def test_reopen_rename_overlay_chat_export_delete(window, qtbot, earlier_run, ti
         assert w.chat.send("Ahoy?")
     qtbot.waitUntil(lambda: not w.chat.is_generating(), timeout=10_000)
     assert not w.error_banner.isVisible(), w.error_label.text()
-    qtbot.waitUntil(lambda: (earlier_run / "chats.jsonl").exists(), timeout=10_000)   # appended on a worker
+    qtbot.waitUntil(lambda: (earlier_run / "chats.jsonl").exists()
+                    and (earlier_run / "chats.jsonl").read_text(encoding="utf-8").endswith("\n"), timeout=10_000)
     saved = (earlier_run / "chats.jsonl").read_text(encoding="utf-8").splitlines()
     assert json.loads(saved[-1])["user"] == "Ahoy?"
     # rename (kept in run.json; the folder stays where it is)

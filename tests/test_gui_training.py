@@ -1,4 +1,4 @@
-"""The app's core flow, driven through the object names of DESIGN.md: drop a file, run, watch
+"""The app's core flow, driven through the widgets' fixed object names: drop a file, run, watch
 the chart and the weights view fill, finish, chat with the result; stop; bad files; closing."""
 import json
 import os
@@ -126,7 +126,8 @@ def test_drop_run_finish_then_chat_and_compare(window, qtbot):
     assert w.chat.transcript.messages[-1]["content"] == reply.args[0]
     assert "Hello there, captain!" in w.chat.base_transcript.toPlainText()
     assert w.chat.base_history and w.chat.base_history[-1]["role"] == "assistant"
-    qtbot.waitUntil(lambda: (run_dir / "chats.jsonl").exists(), timeout=10_000)   # appended on a worker
+    qtbot.waitUntil(lambda: (run_dir / "chats.jsonl").exists()
+                    and (run_dir / "chats.jsonl").read_text(encoding="utf-8").endswith("\n"), timeout=10_000)
     chats = (run_dir / "chats.jsonl").read_text(encoding="utf-8").splitlines()
     assert json.loads(chats[-1])["user"] == "Hello there, captain!"
     # the run is in the history and its checkpoints are in the model selector

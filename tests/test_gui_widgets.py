@@ -2,7 +2,6 @@
 (real snapshots from the training package's SnapshotMaker on a tiny model), the phase strip."""
 import csv
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,21 +33,15 @@ def test_loss_chart_100k_points_stays_fast_and_exports(qtbot, tmp_path):
     for i in range(0, len(batch), 5000):      # arrives in coalesced batches, like from the worker
         p.add_steps(batch[i:i + 5000])
     p.add_eval(EvalMetrics(step=50_000, epoch=50.0, valid_loss=1.5, valid_token_accuracy=0.6))
-    t0 = time.perf_counter()
     p.redraw()
     qtbot.wait(1)
     assert p.chart.point_count() == 100_000
     assert len(p.chart.epoch_lines) == 100                 # an epoch boundary every 1000 steps
-    # adding more points and redrawing (what the 10 fps timer does) stays cheap: best of 3, so a
-    # busy shared CPU does not make the test flaky
-    times = []
+    # adding more points and redrawing (what the 10 fps timer does); how fast it is, is measured by
+    # bench/gui_latency.py, not asserted here
     for k in range(3):
-        more = _steps(100, start=100_001 + 100 * k)
-        t0 = time.perf_counter()
-        p.add_steps(more)
+        p.add_steps(_steps(100, start=100_001 + 100 * k))
         p.redraw()
-        times.append(time.perf_counter() - t0)
-    assert min(times) < 0.1, times
     # smoothing is an EMA: smoother than the raw values
     raw, sm = p.steps.view("loss"), p.steps.view("smooth")
     assert np.std(np.diff(sm)) < np.std(np.diff(raw))
@@ -104,8 +97,8 @@ def snapshots(tmp_path_factory):
 
 
 def test_weights_view_draws_real_snapshots(qtbot, snapshots):
-    from finetune_desktop.gui.weights_view import WeightsView
-    v = WeightsView()
+    from finetune_desktop.gui import weights_view as wv
+    v = wv.WeightsView()
     qtbot.addWidget(v)
     v.resize(700, 350)
     v.show()
@@ -121,21 +114,30 @@ def test_weights_view_draws_real_snapshots(qtbot, snapshots):
     assert img.shape == snapshots[-1].matrices[name].shape
     assert np.abs(img).max() > 0                        # LoRA moved away from zero
     lo, hi = v.image.getLevels()
-    assert lo == -hi and hi > 0                        # fixed symmetric levels
-    # levels stay fixed as new snapshots arrive; Rescale fits them to what is shown now
+    assert lo == -hi and hi > 0                        # symmetric levels ...
+    p99 = float(np.percentile(np.abs(img), 99))
+    assert hi == pytest.approx(p99 * wv.LEVEL_HEADROOM, rel=1e-5)   # ... from the 99th percentile, not the peak
+    assert np.mean(np.abs(img) > hi) <= 0.01           # (almost) nothing saturates
+    # the scale does not shrink when a smaller change arrives (growth stays visible) ...
     v.add_snapshot(snapshots[1])
     v._draw()
     assert v.image.getLevels()[1] == hi
+    # ... and Rescale fits it to what is shown now
     v.rescale()
-    assert v.image.getLevels()[1] == pytest.approx(float(np.abs(snapshots[1].matrices[name]).max()), rel=1e-5)
+    assert v.image.getLevels()[1] == pytest.approx(float(np.percentile(np.abs(snapshots[1].matrices[name]), 99)),
+                                                   rel=1e-5)
+    # where the change concentrates: RMS of every row and column of the shown matrix
+    shown = snapshots[1].matrices[name]
+    np.testing.assert_allclose(v.row_bars.opts["width"], np.sqrt(np.mean(shown.astype(float) ** 2, axis=1)), rtol=1e-6)
+    np.testing.assert_allclose(v.col_bars.opts["height"], np.sqrt(np.mean(shown.astype(float) ** 2, axis=0)), rtol=1e-6)
+    assert "(α/r)·B·A" in v.heat_plot.titleLabel.text   # LoRA: the effective change the adapter adds
     # current values mode
     v.mode_now.setChecked(True)
     v._draw()
     assert np.allclose(v.image.image, snapshots[1].current[name])
-    # bias now vs pre-trained, bars per layer, histogram
+    # bias now vs pre-trained, histogram
     x, y = v.bias_now.getData()
     assert x is not None and len(x) > 0
-    assert len(v.bars.opts["height"]) == 2
     hx, hy = v.hist_curve.getData()
     assert hy is not None and hy.sum() > 0
 

@@ -268,15 +268,31 @@ def make_control():
     return TrainControl()
 
 
-def make_train_fn(data_path: str, run_dir: str, base_model: str, cfg_kwargs: dict, valid_path: str | None):
-    """A function (on_event, control) -> None that runs the whole training loop."""
+def make_train_fn(data_path: str, run_dir: str, base_model: str, cfg_kwargs: dict, valid_path: str | None,
+                  live=None):
+    """A function (on_event, control) -> None that runs the whole training loop. With `live` (a
+    live_model.LiveModel) the base model and data are loaded here and handed to start_training,
+    so the app knows the model object the loop trains (what start_training would load itself)."""
     from ..training.config import TrainConfig
     config = TrainConfig(**cfg_kwargs)
 
     def run(on_event, control):
-        from ..training.session import start_training
+        from ..training.session import (check_config, estimate_tokens_per_second, fit_config_to_model,
+                                        load_base_model, prepare_data, start_training)
+        if live is None:
+            start_training(data_path, run_dir=run_dir, config=config, base=base_model, validation_path=valid_path,
+                           on_event=on_event, control=control)
+            return
+        check_config(config)
+        model, tok, base_dir = load_base_model(base_model)
+        fitted = fit_config_to_model(config, model)
+        data = prepare_data(data_path, tok, fitted, valid_path, estimate_tokens_per_second(model, fitted.method),
+                            base_dir=base_dir)
+        live.attach(model, tok, base_dir, fitted.method)
+        emit = live.wrap(on_event)
         start_training(data_path, run_dir=run_dir, config=config, base=base_model, validation_path=valid_path,
-                       on_event=on_event, control=control)
+                       on_event=emit, control=control, prepared=(model, tok, base_dir, data))
+        live.final_measure(on_event)
 
     return run
 
@@ -288,3 +304,88 @@ def make_resume_fn(run_dir: str, extra_epochs: int):
         from ..training.session import resume_training
         resume_training(run_dir, extra_epochs=extra_epochs, on_event=on_event, control=control)
     return run
+
+
+# ----------------------------------------------------------------------------- looking inside
+@dataclass(frozen=True)
+class ExampleRef:
+    """One encoded example the per-token view can show."""
+    line: int
+    split: str                     # "training" or "validation"
+    input_ids: tuple
+    labels: tuple
+    preview: str                   # the first words of its text
+
+
+def example_refs(report, valid_report, val_split: float, seed: int, tokenizer=None) -> list[ExampleRef]:
+    """The training and validation examples of a checked file (and of the validation file), split
+    the way the training session splits them (data.split_train_valid with the run's seed)."""
+    from ..data.batching import split_train_valid
+    usable = [e for e in (getattr(report, "examples", None) or []) if e.num_trained_tokens > 0]
+    if valid_report is not None:
+        train, valid = usable, [e for e in (getattr(valid_report, "examples", None) or []) if e.num_trained_tokens > 0]
+    elif val_split > 0:
+        train, valid = split_train_valid(usable, val_split, seed)
+    else:
+        train, valid = usable, []
+    texts = {c.line: c for c in (getattr(report, "conversations", None) or [])}
+    vtexts = {c.line: c for c in (getattr(valid_report, "conversations", None) or [])} if valid_report else texts
+    out = []
+    for split, exs, convs in (("training", train, texts), ("validation", valid, vtexts)):
+        for e in exs:
+            conv = convs.get(e.line)
+            words = " ".join(m.content for m in conv.messages if m.role == "user")[:60] if conv else ""
+            out.append(ExampleRef(int(e.line), split, tuple(int(i) for i in e.input_ids),
+                                  tuple(int(x) for x in e.labels), words))
+    return out
+
+
+def token_picture(model, tokenizer, input_ids, labels, label: str):
+    """Every token of one example under `model` with the engine's per-token loss
+    (training.inspect.token_losses), ready to draw (gui/tokens.py)."""
+    from ..training.inspect import token_losses
+    from .tokens import TokenPicture, display_pieces
+    tl = token_losses(model, tokenizer, input_ids, labels)
+    return TokenPicture(tuple(display_pieces(tokenizer, tl.ids)), tl.losses, tl.probs, tl.top, tl.mean_loss, label)
+
+
+# ----------------------------------------------------------------------------- models elsewhere
+def cached_models() -> list:
+    """Models in the local Hugging Face cache (training.hf_cache.CachedModel), loadable or not."""
+    from ..training.hf_cache import list_cached_models
+    return list_cached_models()
+
+
+def human_bytes(n: int) -> str:
+    for unit, div in (("GB", 2**30), ("MB", 2**20), ("kB", 2**10)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+EXPORT_KINDS = {"gguf": "GGUF file + Ollama Modelfile", "hf": "Hugging Face folder (LoRA merged)",
+                "peft": "PEFT adapter folder (LoRA only)"}
+
+
+def export(run_dir: str, kind: str, dest: str, gguf_type: str = "q8_0") -> str:
+    """Export a run's model: a GGUF file (f32 / f16 / q8_0) with an Ollama Modelfile, an HF folder
+    or its PEFT adapter (interop/). Returns what was written, in words."""
+    if kind == "gguf":
+        from ..interop.gguf_export import export_gguf
+        r = export_gguf(str(run_dir), dest, gguf_type)
+        notes = f" ({'; '.join(r.notes)})" if r.notes else ""
+        return f"{r.path} ({r.gguf_type}, {r.num_tensors} tensors)" + (f" and {r.modelfile.name}" if r.modelfile else "") + notes
+    if kind == "hf":
+        from ..interop.folders import export_hf
+        return str(export_hf(str(run_dir), dest))
+    if kind == "peft":
+        from ..interop.folders import export_peft
+        return str(export_peft(str(run_dir), dest))
+    raise ValueError(f"unknown export kind {kind!r}")
+
+
+def import_job(job_dir: str) -> str:
+    """A finished TRL job folder -> a run folder under the runs folder; returns its path."""
+    from ..interop.job_import import import_job as ij
+    return str(ij(job_dir).run_dir)
+

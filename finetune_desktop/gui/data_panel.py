@@ -8,95 +8,15 @@ from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QBrush, QColor
-from PySide6.QtWidgets import (QAbstractItemView, QButtonGroup, QComboBox, QDoubleSpinBox, QFormLayout, QFrame,
+from PySide6.QtWidgets import (QAbstractItemView, QButtonGroup, QComboBox, QDoubleSpinBox, QFormLayout,
                                QGroupBox, QHBoxLayout, QHeaderView, QLabel, QListWidget, QListWidgetItem,
                                QProgressBar, QPushButton, QRadioButton, QSizePolicy, QSpinBox, QTableWidget,
                                QTableWidgetItem, QVBoxLayout, QWidget)
 
 from . import style
+from .drop_zone import DropZone, first_local_file  # noqa: F401 - re-exported for the window
 
 DATA_FILTER = "Training data (*.jsonl *.json *.csv *.tsv *.txt);;All files (*)"
-
-
-class DropZone(QFrame):
-    """objectName `dataDropZone`: drop a training file here (or click Browse)."""
-
-    fileDropped = Signal(str)
-    browseRequested = Signal()
-
-    def __init__(self, parent=None):
-        super().__init__(parent)
-        self.setObjectName("dataDropZone")
-        self.setAcceptDrops(True)
-        self.setAccessibleName("Drop a training file here")
-        self.setToolTip("Drop a training file here: JSONL chat (OpenAI style), prompt/completion JSONL, "
-                        "or CSV/TSV with a prompt and a response column.")
-        self.setProperty("state", "empty")
-        self.setMinimumHeight(70)
-        self.title = QLabel("<b>Drop a training file here</b>")
-        self.title.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        self.title.setWordWrap(True)
-        self.detail = QLabel("JSONL chat · prompt/completion · CSV/TSV")
-        self.detail.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        self.detail.setWordWrap(True)
-        self.detail.setStyleSheet("color: #55626f;")
-        self.browse = QPushButton("Browse…")
-        self.browse.setObjectName("browseButton")
-        self.browse.setToolTip("Choose a training file (Ctrl+O).")
-        self.browse.clicked.connect(self.browseRequested)
-        lay = QVBoxLayout(self)
-        lay.setContentsMargins(8, 6, 8, 6)
-        lay.setSpacing(2)
-        lay.addWidget(self.title)
-        lay.addWidget(self.detail)
-        row = QHBoxLayout()
-        row.addStretch(1)
-        row.addWidget(self.browse)
-        row.addStretch(1)
-        lay.addLayout(row)
-
-    def set_state(self, state: str, title: str, detail: str) -> None:
-        self.setProperty("state", state)
-        self.title.setText(f"<b>{_esc(title)}</b>")
-        self.detail.setText(detail)
-        self.style().unpolish(self)
-        self.style().polish(self)
-
-    # drag and drop (the window forwards drops anywhere to the same handlers)
-    def dragEnterEvent(self, e) -> None:
-        if first_local_file(e.mimeData()):
-            e.acceptProposedAction()
-            self._set_drag(True)
-        else:
-            e.ignore()
-
-    def dragMoveEvent(self, e) -> None:
-        if first_local_file(e.mimeData()):
-            e.acceptProposedAction()
-
-    def dragLeaveEvent(self, e) -> None:
-        self._set_drag(False)
-
-    def dropEvent(self, e) -> None:
-        self._set_drag(False)
-        path = first_local_file(e.mimeData())
-        if path:
-            e.acceptProposedAction()
-            self.fileDropped.emit(path)
-
-    def _set_drag(self, on: bool) -> None:
-        self.setProperty("dragActive", "true" if on else "false")
-        self.style().unpolish(self)
-        self.style().polish(self)
-
-
-def first_local_file(mime) -> str | None:
-    if mime is None or not mime.hasUrls():
-        return None
-    for url in mime.urls():
-        if url.isLocalFile():
-            return url.toLocalFile()
-    return None
 
 
 class AutoSpinBox(QSpinBox):
@@ -178,6 +98,7 @@ class DataPanel(QWidget):
     baseModelChanged = Signal()
     settingsChanged = Signal()
     issueActivated = Signal(object)   # an Issue
+    exampleActivated = Signal(int)    # the line of an example double-clicked in the preview
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -235,7 +156,9 @@ class DataPanel(QWidget):
         self.preview.setWordWrap(False)
         self.preview.setMinimumHeight(80)
         self.preview.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Ignored)
-        self.preview.setToolTip("The first examples of the file, one message per row, coloured by role.")
+        self.preview.setToolTip("The first examples of the file, one message per row, coloured by role. "
+                                "Double-click one to see the loss of each of its tokens.")
+        self.preview.cellDoubleClicked.connect(self._preview_activated)
         lay.addWidget(self.preview, 1)
 
     def _build_validation_box(self) -> QGroupBox:
@@ -367,8 +290,17 @@ class DataPanel(QWidget):
         self.stop_button.setObjectName("stopButton")
         self.stop_button.setToolTip("Stop after the current step and keep a checkpoint.")
         self.stop_button.setEnabled(False)
+        self.step_button = QPushButton("Step")
+        self.step_button.setObjectName("stepButton")
+        self.step_button.setToolTip("Run exactly one training step (from idle or from a pause), then pause and show "
+                                    "what it computed, phase by phase.")
+        self.step_button.setEnabled(False)
         brow = QHBoxLayout()
+        brow.setSpacing(4)
+        for b in (self.run_button, self.step_button, self.pause_button, self.stop_button):
+            b.setMinimumWidth(44)          # four buttons share the panel's width; none widens the panel
         brow.addWidget(self.run_button, 2)
+        brow.addWidget(self.step_button, 1)
         brow.addWidget(self.pause_button, 1)
         brow.addWidget(self.stop_button, 1)
         lay.addLayout(brow)
@@ -432,6 +364,11 @@ class DataPanel(QWidget):
                 item.setBackground(QBrush(bg))
                 self.preview.setItem(r, c, item)
 
+    def _preview_activated(self, row: int, _col: int) -> None:
+        item = self.preview.item(row, 0)
+        if item is not None and item.text().isdigit():
+            self.exampleActivated.emit(int(item.text()))
+
     def clear_report(self) -> None:
         self.issues.clear()
         self.issues.setVisible(False)
@@ -462,6 +399,9 @@ class DataPanel(QWidget):
         self.pause_button.setText("Resume" if paused else "Pause")
         self.pause_button.setToolTip("Continue training." if paused else
                                      "Pause after the current step; you can chat while paused.")
+        self.step_button.setToolTip("Run one more step, then pause again." if paused else
+                                    "Run exactly one training step (from idle or from a pause), then pause and "
+                                    "show what it computed, phase by phase.")
         for w in (self.drop_zone.browse, self.base_box, self.method, self.lora_rank, self.lora_alpha, self.epochs,
                   self.batch, self.lr, self.schedule, self.warmup, self.max_len, self.seed, self.val_split,
                   self.val_split_radio, self.val_file_radio, self.val_file_button):
@@ -511,17 +451,25 @@ class DataPanel(QWidget):
 
     # ------------------------------------------------------------------ the file and the estimate
     def set_base_choices(self, embedded: str, embedded_ok: bool, current: str | None, runs: list,
-                         choose_marker: str) -> None:
-        """The base model box: the built-in model, the current folder, runs with a model, Choose…"""
+                         choose_marker: str, cached: list = ()) -> None:
+        """The base model box: the built-in model, the current folder, runs with a model, models in
+        the Hugging Face cache ((label, folder, tooltip, usable): unusable ones greyed out, the
+        reason as tooltip), Choose…"""
         box = self.base_box
         box.blockSignals(True)
         box.clear()
         box.addItem("Built-in base model" + ("" if embedded_ok else " (not installed)"), embedded)
-        run_paths = {path for _, path in runs}
+        run_paths = {path for _, path in runs} | {c[1] for c in cached}
         if current and current != embedded and current not in run_paths:
             box.addItem(f"Folder: {Path(current).name}", current)
         for label, path in runs:
             box.addItem(label, path)
+        for label, path, tip, usable in cached:
+            box.addItem(label, path if usable else None)
+            i = box.count() - 1
+            box.setItemData(i, tip, Qt.ItemDataRole.ToolTipRole)
+            if not usable:
+                box.model().item(i).setEnabled(False)
         box.addItem("Choose a folder…", choose_marker)
         box.setCurrentIndex(max(0, box.findData(current)))
         box.setToolTip(f"{current}\n\n" + TIPS["base"])
@@ -640,11 +588,6 @@ def _label(text: str, tip: str) -> QLabel:
     lab = QLabel(text)
     lab.setToolTip(tip)
     return lab
-
-
-def _esc(s: str) -> str:
-    import html
-    return html.escape(s)
 
 
 def human_duration(seconds: float) -> str:

@@ -7,7 +7,28 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QAbstractItemView, QHBoxLayout, QHeaderView, QLabel, QPushButton, QTableWidget,
                                QTableWidgetItem, QTextBrowser, QVBoxLayout, QWidget)
 
-STATUS_TEXT = {"finished": "✔ finished", "stopped": "■ stopped", "failed": "✖ failed", "running": "● running"}
+STATUS_TEXT = {"finished": "✔ finished", "stopped": "■ stopped", "failed": "✖ failed", "running": "● running",
+               "interrupted": "⚠ interrupted", "elsewhere": "● elsewhere"}
+
+
+def status_of(info) -> str:
+    """A run's status as the panel shows it: "running" splits into running here and elsewhere
+    (training.runs.load_run gives the other process in `reason`)."""
+    if info.status == "running" and (info.reason or "").startswith("training in another process"):
+        return "elsewhere"
+    return info.status
+
+
+def can_continue(entry) -> bool:
+    """Continue makes sense: not running anywhere, and a checkpoint to continue from (an
+    interrupted run without one starts again from step 0)."""
+    st = status_of(entry.info)
+    return st == "interrupted" or (st not in ("running", "elsewhere") and bool(entry.checkpoints))
+
+
+def is_busy(entry) -> bool:
+    """Another process (or this one) is writing the run: no rename, no delete."""
+    return status_of(entry.info) in ("running", "elsewhere")
 
 
 class HistoryPanel(QWidget):
@@ -24,7 +45,11 @@ class HistoryPanel(QWidget):
         self.setObjectName("runHistory")
         self.table = QTableWidget(0, 5)
         self.table.setObjectName("runTable")
-        self.table.setHorizontalHeaderLabels(["overlay", "run", "status", "train loss", "valid loss"])
+        self.table.setHorizontalHeaderLabels(["∿", "run", "status", "train", "valid"])
+        for c, tip in enumerate(("Tick to draw this run's loss curve on the chart, for comparison.", "The run's name.",
+                                 "finished, stopped, failed, interrupted, running here or elsewhere",
+                                 "Final training loss.", "Final validation loss.")):
+            self.table.horizontalHeaderItem(c).setToolTip(tip)
         self.table.verticalHeader().setVisible(False)
         hh = self.table.horizontalHeader()
         hh.setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
@@ -34,8 +59,8 @@ class HistoryPanel(QWidget):
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.table.setToolTip("Double-click a run to open its charts and chat with it. Tick 'overlay' to "
-                              "draw its loss curve on the chart for comparison.")
+        self.table.setToolTip("Double-click a run to open its charts and chat with it. Tick the first column "
+                              "to draw its loss curve on the chart for comparison.")
         self.table.itemChanged.connect(self._item_changed)
         self.table.cellDoubleClicked.connect(lambda r, _c: self._emit(self.openRequested, r))
         self.table.itemSelectionChanged.connect(self._show_details)
@@ -49,10 +74,12 @@ class HistoryPanel(QWidget):
         self.continue_button = QPushButton("Continue…")
         self.continue_button.setToolTip("Finish a stopped run, or train a finished run for more epochs, "
                                         "from its last checkpoint.")
-        self.export_model_button = QPushButton("Export model…")
-        self.export_model_button.setToolTip("Save the tuned model as a Hugging Face folder (LoRA merged).")
+        self.export_model_button = QPushButton("Export…")
+        self.export_model_button.setToolTip("Save the tuned model as a GGUF file (llama.cpp, Ollama, LM Studio), a "
+                                            "Hugging Face folder, or its LoRA adapter (PEFT).")
         self.export_adapter_button = QPushButton("Export adapter…")
         self.export_adapter_button.setToolTip("Save only the LoRA adapter (PEFT format) to use on top of the base model.")
+        self.export_adapter_button.setVisible(False)       # Export… offers it
         for b, sig in ((self.open_button, self.openRequested), (self.rename_button, self.renameRequested),
                        (self.delete_button, self.deleteRequested),
                        (self.continue_button, self.continueRequested),
@@ -92,7 +119,11 @@ class HistoryPanel(QWidget):
             name = QTableWidgetItem(entry.title)
             name.setToolTip(f"{info.path}\ndata: {info.data_path}\nbase: {info.base_model}")
             self.table.setItem(r, 1, name)
-            self.table.setItem(r, 2, QTableWidgetItem(STATUS_TEXT.get(info.status, info.status)))
+            st = status_of(info)
+            status = QTableWidgetItem(STATUS_TEXT.get(st, st))
+            if info.reason:
+                status.setToolTip(info.reason)
+            self.table.setItem(r, 2, status)
             self.table.setItem(r, 3, QTableWidgetItem(_f(info.final_train_loss)))
             self.table.setItem(r, 4, QTableWidgetItem(_f(info.final_valid_loss)))
         self.table.blockSignals(False)
@@ -124,9 +155,13 @@ class HistoryPanel(QWidget):
             return
         entry = self.runs[r]
         info, d = entry.info, entry.details
-        for b in (self.open_button, self.rename_button, self.delete_button):
-            b.setEnabled(True)
-        self.continue_button.setEnabled(info.status != "running" and bool(entry.checkpoints))
+        st = status_of(info)
+        self.open_button.setEnabled(True)
+        for b in (self.rename_button, self.delete_button):
+            b.setEnabled(not is_busy(entry))
+            b.setToolTip("A run that is training cannot be renamed or deleted." if is_busy(entry) else "")
+        self.continue_button.setEnabled(can_continue(entry))
+        self.continue_button.setText("Continue (finish it)" if st == "interrupted" else "Continue…")
         self.export_model_button.setEnabled(info.has_model)
         self.export_adapter_button.setEnabled(entry.has_adapter)
         s = d.get("settings") or {}
@@ -137,7 +172,8 @@ class HistoryPanel(QWidget):
         except (TypeError, ValueError):
             pass
         import html
-        lines = [f"<b>{html.escape(entry.title)}</b> — {STATUS_TEXT.get(info.status, info.status)}",
+        long_status = "● running elsewhere (another process trains it)" if st == "elsewhere" else STATUS_TEXT.get(st, st)
+        lines = [f"<b>{html.escape(entry.title)}</b> — {long_status}",
                  f"folder: {info.path}",
                  f"created {info.created[:19].replace('T', ' ')}",
                  f"data: {info.data_path}", f"base model: {info.base_model}",
@@ -148,7 +184,8 @@ class HistoryPanel(QWidget):
                  f"steps {info.steps}/{info.total_steps or '?'} · final train loss {_f(info.final_train_loss)}"
                  f" · valid loss {_f(info.final_valid_loss)}"]
         if info.reason:
-            lines.append(f"<span style='color:#a3261b'>failed: {html.escape(info.reason)}</span>")
+            what = {"interrupted": "interrupted: ", "elsewhere": "", "failed": "failed: "}.get(st, "")
+            lines.insert(1, f"<span style='color:#a3261b'>{what}{html.escape(info.reason)}</span>")
         self.details.setHtml("<br>".join(x if x.startswith("<") else html.escape(x) for x in lines))
 
     def select_run(self, path: str) -> None:

@@ -1,5 +1,8 @@
 """The live loss chart: train loss raw + smoothed, validation points, epoch boundaries, token
-accuracy (right axis) and the learning rate in a small linked chart below.
+accuracy (right axis) and the learning rate in a small linked chart below. When the run has
+them: the general-ability loss (the forgetting meter: loss on the base model's ordinary dialogs,
+beside the validation loss) and the quiz score (share of quiz questions answered right, right
+axis). Neither is drawn when the run does not measure it.
 
 Points go into preallocated buffers when they arrive; a QTimer redraws at most 10 times a
 second, only when something changed and the chart is on screen. The view ranges are fixed
@@ -24,8 +27,9 @@ from .buffers import EmaState, Series
 from .ranges import StableRange, ViewFit, finite_min_max
 
 LR_STRIP_INTERVAL_S = 1.0   # the learning-rate strip redraws at most this often during a run
+EPOCH_LABEL_PX = 80         # epoch labels at least this far apart
 STEP_COLS = ("step", "epoch", "loss", "smooth", "acc", "lr", "grad_norm", "tps")
-EVAL_COLS = ("step", "epoch", "valid_loss", "valid_acc")
+EVAL_COLS = ("step", "epoch", "valid_loss", "valid_acc", "general_loss", "quiz")
 
 
 class LossChart(pg.PlotWidget):
@@ -52,6 +56,9 @@ class LossChart(pg.PlotWidget):
         self.valid_curve = pi.plot(pen=pg.mkPen(style.VALID, width=1.5, style=Qt.PenStyle.DashLine),
                                    symbol="o", symbolSize=7, symbolBrush=style.VALID, symbolPen=None,
                                    name="validation loss")
+        self.general_curve = pi.plot(pen=pg.mkPen(style.GENERAL, width=1.5, style=Qt.PenStyle.DashDotLine),
+                                     symbol="s", symbolSize=6, symbolBrush=style.GENERAL, symbolPen=None,
+                                     name="general ability")
         for c in (self.raw_curve, self.smooth_curve):
             c.setClipToView(True)
             c.setDownsampling(auto=True, method="peak")
@@ -69,6 +76,9 @@ class LossChart(pg.PlotWidget):
         self.acc_curve.setClipToView(True)
         self.acc_curve.setDownsampling(auto=True, method="peak")
         self.acc_view.addItem(self.acc_curve)
+        self.quiz_curve = pg.PlotDataItem(pen=pg.mkPen(style.QUIZ, width=1.5), symbol="t1", symbolSize=8,
+                                          symbolBrush=style.QUIZ, symbolPen=None, stepMode=None)
+        self.acc_view.addItem(self.quiz_curve)
         pi.vb.sigResized.connect(self._sync_views)
         self.cursor = pg.InfiniteLine(angle=90, movable=False, pen=pg.mkPen((90, 90, 90, 120), width=1))
         self.cursor.setVisible(False)
@@ -81,10 +91,19 @@ class LossChart(pg.PlotWidget):
         self.acc_view.setGeometry(self.getPlotItem().vb.sceneBoundingRect())
         self.acc_view.linkedViewChanged(self.getPlotItem().vb, self.acc_view.XAxis)
 
-    def add_epoch_line(self, step: float, epoch: int) -> None:
+    def add_epoch_line(self, step: float, epoch: int, steps_shown: float = 0.0) -> None:
+        """A dotted line at an epoch's end. Its label ("epoch 3") only when labels stay apart:
+        every 1st, 2nd, 5th, 10th, ... epoch, so that labels are at least EPOCH_LABEL_PX apart."""
+        width = max(1.0, float(self.getPlotItem().vb.width()))
+        px_per_epoch = width * (step / max(1, epoch)) / max(1.0, steps_shown or step)
+        every = next((n for n in (1, 2, 5, 10, 20, 50, 100, 200, 500) if n * px_per_epoch >= EPOCH_LABEL_PX), 1000)
+        # the same anchor for every label (pyqtgraph's default flips it at the view's centre, where two
+        # labels then face each other and overlap): always just right of its line
+        label = {"label": f"epoch {epoch}", "labelOpts": {"position": 0.95, "color": (110, 110, 110),
+                                                          "anchors": [(0, 0.5), (0, 0.5)]}} \
+            if epoch % every == 0 else {}
         line = pg.InfiniteLine(pos=step, angle=90, movable=False,
-                               pen=pg.mkPen((150, 150, 150), width=1, style=Qt.PenStyle.DotLine),
-                               label=f"epoch {epoch}", labelOpts={"position": 0.95, "color": (110, 110, 110)})
+                               pen=pg.mkPen((150, 150, 150), width=1, style=Qt.PenStyle.DotLine), **label)
         self.getPlotItem().addItem(line, ignoreBounds=True)
         self.epoch_lines.append(line)
 
@@ -107,6 +126,7 @@ class LossPanel(QWidget):
     def __init__(self, parent=None):
         super().__init__(parent)
         self.chart = LossChart(self)
+        self._has_general = self._has_quiz = False    # the run measures the general loss / a quiz
         self._peak_lr = float("nan")
         self._lr_drawn_at = -1e9
         self._lr_stale = False
@@ -207,11 +227,18 @@ class LossPanel(QWidget):
         parts = [(_hex(style.TRAIN_RAW), "━", "train loss"), (_hex(style.TRAIN_SMOOTH), "━", "smoothed"),
                  (_hex(style.VALID), "●", "validation loss"), (_hex(style.ACCURACY), "━", "token accuracy (right)"),
                  (_hex(style.LR), "━", "learning rate (below)")]
+        if self._has_general:
+            parts.insert(3, (_hex(style.GENERAL), "■", "general ability"))
+        if self._has_quiz:
+            parts.insert(4, (_hex(style.QUIZ), "▲", "quiz score (right)"))
+            parts = [p if p[2] != "token accuracy (right)" else (p[0], p[1], "accuracy (right)") for p in parts]
         for name, item in self.chart.overlays.items():
             parts.append((_hex(getattr(item, "colour", (100, 100, 100))), "┅", name))
         import html
-        self.legend.setText("&nbsp;&nbsp;".join(f"<span style='color:{c}'>{sym}</span>&nbsp;{html.escape(t)}"
-                                                for c, sym, t in parts))
+        self.legend_entries = [t for _, _, t in parts]      # what the legend says, as plain text
+        # an entry never breaks inside itself, only between entries
+        self.legend.setText(" &nbsp;".join(f"<span style='color:{c}'>{sym}</span>&nbsp;"
+                                           + html.escape(t).replace(" ", "&nbsp;") for c, sym, t in parts))
 
     # ------------------------------------------------------------------ settings
     def save_settings(self, s) -> None:
@@ -233,6 +260,7 @@ class LossPanel(QWidget):
         self._last_epoch_int = 0
         self._top = self._bottom = float("nan")
         self._total_steps = 0
+        self._set_extras(False, False)
         self.chart.clear_epoch_lines()
         self.chart.view_fit.reset()
         self._dirty = True
@@ -255,30 +283,49 @@ class LossPanel(QWidget):
                        [m.grad_norm for m in metrics], [m.tokens_per_s for m in metrics])
 
     def add_eval(self, ev) -> None:
-        if ev.valid_loss is None:  # an evaluation with only the general loss or the quiz score
+        """EvalMetrics: validation loss, general-ability loss and quiz score, whichever it has."""
+        quiz = ev.quiz_score / ev.quiz_total if ev.quiz_score is not None and ev.quiz_total else None
+        if ev.valid_loss is None and ev.general_loss is None and quiz is None:
             return
-        self.evals.append_rows({"step": [ev.step], "epoch": [ev.epoch], "valid_loss": [ev.valid_loss],
-                                "valid_acc": [ev.valid_token_accuracy]})
-        self._top = _nanmax(self._top, ev.valid_loss)
-        self._bottom = _nanmin(self._bottom, ev.valid_loss)
+        self.evals.append_rows({"step": [ev.step], "epoch": [ev.epoch], "valid_loss": [_num(ev.valid_loss)],
+                                "valid_acc": [_num(ev.valid_token_accuracy)], "general_loss": [_num(ev.general_loss)],
+                                "quiz": [_num(quiz)]})
+        self._top = _nanmax(self._top, ev.valid_loss, ev.general_loss)
+        self._bottom = _nanmin(self._bottom, ev.valid_loss, ev.general_loss)
+        self._set_extras(self._has_general or ev.general_loss is not None, self._has_quiz or quiz is not None)
         self._changed()
+
+    def _set_extras(self, general: bool, quiz: bool) -> None:
+        """Show the legend entries (and the right axis' name) of the measures this run has."""
+        if (general, quiz) == (self._has_general, self._has_quiz):
+            return
+        self._has_general, self._has_quiz = general, quiz
+        self.chart.getPlotItem().getAxis("right").setLabel("accuracy · quiz" if quiz else "token accuracy",
+                                                          color=_hex(style.ACCURACY))
+        self._update_legend()
 
     def load_rows(self, rows: list[dict]) -> None:
         """metrics.jsonl rows of a saved run (by step)."""
         self.reset()
         train = [r for r in rows if r.get("train_loss") is not None and r.get("step") is not None]
-        evals = [r for r in rows if r.get("valid_loss") is not None and r.get("step") is not None]
+        evals = [r for r in rows if r.get("step") is not None and any(r.get(k) is not None for k in
+                                                                       ("valid_loss", "general_loss", "quiz_score"))]
         if train:
             g = lambda k: [_num(r.get(k)) for r in train]  # noqa: E731
             self._add_rows(g("step"), g("epoch"), g("train_loss"), g("train_token_accuracy"), g("lr"),
                            g("grad_norm"), g("tokens_per_s"))
         if evals:
+            quiz = [_num(r["quiz_score"]) / r["quiz_total"] if r.get("quiz_score") is not None and r.get("quiz_total")
+                    else float("nan") for r in evals]
             self.evals.append_rows({"step": [_num(r["step"]) for r in evals],
                                     "epoch": [_num(r.get("epoch")) for r in evals],
-                                    "valid_loss": [_num(r["valid_loss"]) for r in evals],
-                                    "valid_acc": [_num(r.get("valid_token_accuracy")) for r in evals]})
-            lo, hi = finite_min_max(self.evals.view("valid_loss"))
+                                    "valid_loss": [_num(r.get("valid_loss")) for r in evals],
+                                    "valid_acc": [_num(r.get("valid_token_accuracy")) for r in evals],
+                                    "general_loss": [_num(r.get("general_loss")) for r in evals], "quiz": quiz})
+            lo, hi = finite_min_max(self.evals.view("valid_loss"), self.evals.view("general_loss"))
             self._top, self._bottom = _nanmax(self._top, hi), _nanmin(self._bottom, lo)
+            self._set_extras(bool(np.isfinite(self.evals.view("general_loss")).any()),
+                             bool(np.isfinite(self.evals.view("quiz")).any()))
         lr_top = finite_min_max(self.steps.view("lr"))[1]
         if lr_top == lr_top and lr_top > 0:
             self._set_lr_ticks(lr_top)
@@ -298,7 +345,7 @@ class LossPanel(QWidget):
             k = int(math.floor(float(e) + 1e-9))
             if k > self._last_epoch_int:
                 self._last_epoch_int = k
-                self.chart.add_epoch_line(float(s), k)
+                self.chart.add_epoch_line(float(s), k, float(self._total_steps or 0))
         self._changed()
 
     # ------------------------------------------------------------------ overlays (run comparison)
@@ -356,7 +403,12 @@ class LossPanel(QWidget):
             self.chart.raw_curve.setData(x, s.view("loss"), connect="finite")
             self.chart.smooth_curve.setData(x, s.view("smooth"), connect="finite")
             self.chart.acc_curve.setData(x, s.view("acc"), connect="finite")
-            self.chart.valid_curve.setData(self.evals.view("step"), self.evals.view("valid_loss"), connect="finite")
+            ex = self.evals.view("step")
+            for curve, col in ((self.chart.valid_curve, "valid_loss"), (self.chart.general_curve, "general_loss"),
+                               (self.chart.quiz_curve, "quiz")):
+                y = self.evals.view(col)
+                ok = np.isfinite(y)
+                curve.setData(ex[ok], y[ok])
             self._lr_stale = True
             self._fit_view()
             self.redrawn.emit()
@@ -436,7 +488,11 @@ class LossPanel(QWidget):
         if len(ev):
             j = int(np.argmin(np.abs(ev - c["step"])))
             if abs(ev[j] - c["step"]) <= max(1, 0.02 * c["step"]):
-                text += f" · validation {self.evals.view('valid_loss')[j]:.4f}"
+                for col, name, fmt in (("valid_loss", "validation", "{:.4f}"), ("general_loss", "general", "{:.4f}"),
+                                       ("quiz", "quiz", "{:.0%}")):
+                    v = self.evals.view(col)[j]
+                    if v == v:
+                        text += f" · {name} " + fmt.format(v)
         return text
 
     # ------------------------------------------------------------------ export
@@ -514,14 +570,16 @@ def _write_csv(path: str, columns: tuple) -> str:
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(["kind", "step", "epoch", "train_loss", "train_loss_smoothed", "train_token_accuracy",
-                        "lr", "grad_norm", "tokens_per_s", "valid_loss", "valid_token_accuracy"])
+                        "lr", "grad_norm", "tokens_per_s", "valid_loss", "valid_token_accuracy", "general_loss",
+                        "quiz_fraction_right"])
             for i in range(len(steps["step"])):
                 v = [steps[k][i] for k in STEP_COLS]
                 w.writerow(["train", int(v[0]), _fmt(v[1]), _fmt(v[2]), _fmt(v[3]), _fmt(v[4]), _fmt(v[5]),
-                            _fmt(v[6]), _fmt(v[7]), "", ""])
+                            _fmt(v[6]), _fmt(v[7]), "", "", "", ""])
             for i in range(len(evals["step"])):
                 v = [evals[k][i] for k in EVAL_COLS]
-                w.writerow(["valid", int(v[0]), _fmt(v[1]), "", "", "", "", "", "", _fmt(v[2]), _fmt(v[3])])
+                w.writerow(["eval", int(v[0]), _fmt(v[1]), "", "", "", "", "", "", _fmt(v[2]), _fmt(v[3]), _fmt(v[4]),
+                            _fmt(v[5])])
         os.replace(tmp, p)
     except BaseException:
         try:

@@ -1,20 +1,25 @@
 """MainWindow: data and settings (left), the training monitor (centre: loss chart, phase strip,
-views of the weights), chat (right), in splitters; menus, shortcuts, run history and export.
+and tabs of views inside the model: weights, which matrices moved, one step phase by phase,
+per-token loss, "Did it learn?"), chat (right), in splitters; menus, shortcuts, run history,
+export and import.
 
 The window lays out the panels and wires them to three controllers: DataController (the
 training and validation files, checked on workers), TrainingController (the run on its thread)
 and RunsController (previous runs, read on workers). Widgets never run numpy training code or
-read files on the GUI thread; each panel saves and restores its own settings."""
+read files on the GUI thread; each panel saves and restores its own settings. The run-history
+actions (window_runs.py), the teaching views (window_teaching.py) and export / import / models
+from the Hugging Face cache (window_interop.py) are mixins of this class."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from PySide6.QtCore import QByteArray, Qt, QTimer, Signal
-from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QInputDialog, QLabel, QMainWindow, QMessageBox,
-                               QPushButton, QScrollArea, QSplitter, QTabWidget, QVBoxLayout, QWidget)
+from PySide6.QtCore import QByteArray, QSize, Qt, QTimer, Signal
+from PySide6.QtWidgets import (QFileDialog, QMainWindow, QMessageBox, QScrollArea, QSplitter, QTabWidget,
+                               QVBoxLayout, QWidget)
 
 from . import bridge, style
+from .banners import Banners
 from .chat_panel import ChatPanel
 from .data_controller import DataController
 from .data_panel import DATA_FILTER, DataPanel, first_local_file
@@ -23,14 +28,28 @@ from .menus import build_menus
 from .model_cache import make_model_cache
 from .monitor import MonitorPanel
 from .paths import make_settings
-from .runs_controller import ModelEntry, RunsController, chat_models
+from .runs_controller import ModelEntry, RunsController
 from .training_controller import TrainingController
+from .window_interop import InteropActions
+from .window_runs import RunsActions
+from .window_teaching import TeachingActions
 from .workers import ThreadPool, plain_error
 
 CHOOSE_FOLDER = "__choose__"
 
 
-class MainWindow(QMainWindow):
+class SettingsScroll(QScrollArea):
+    """Scrolls the settings up and down, never sideways: so it is never narrower than they need
+    (with room for its scroll bar), or they would be clipped."""
+
+    def minimumSizeHint(self) -> QSize:
+        hint = super().minimumSizeHint()
+        inner = self.widget().minimumSizeHint().width() if self.widget() is not None else 0
+        extra = 2 * self.frameWidth() + self.verticalScrollBar().sizeHint().width()
+        return QSize(max(hint.width(), inner + extra), hint.height())
+
+
+class MainWindow(QMainWindow, RunsActions, TeachingActions, InteropActions):
     trainingFinished = Signal(str)   # the run folder (sent once the chat talks to the tuned model)
     replyFinished = Signal(str)      # the reply text
 
@@ -57,9 +76,11 @@ class MainWindow(QMainWindow):
         self._build()
         build_menus(self)
         self._wire()
+        self._wire_teaching()
         self._restore_settings()
         self._set_base_model(str(base_model) if base_model else None, initial=True)
         self.refresh_runs()
+        self.list_cached_models()
         self._update_run_enabled()
 
     # ------------------------------------------------------------------ state other code reads
@@ -87,7 +108,7 @@ class MainWindow(QMainWindow):
         self.drop_zone = dp.drop_zone
         self.run_button, self.pause_button, self.stop_button = dp.run_button, dp.pause_button, dp.stop_button
         self.progress_bar, self.epochs_spin = dp.progress, dp.epochs
-        scroll = QScrollArea()
+        scroll = SettingsScroll()
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QScrollArea.Shape.NoFrame)
         scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
@@ -97,7 +118,6 @@ class MainWindow(QMainWindow):
         self.left_tabs.setObjectName("leftTabs")
         self.left_tabs.addTab(scroll, "Data && settings")
         self.left_tabs.addTab(self.history, "Runs")
-        self.left_tabs.setMinimumWidth(300)
 
         self.monitor = MonitorPanel()
         self.loss_panel, self.phase_strip = self.monitor.loss_panel, self.monitor.phase_strip
@@ -106,6 +126,7 @@ class MainWindow(QMainWindow):
         self.loss_panel.set_pool(self.pool)     # chart exports are written on a worker
         self.chat = ChatPanel(self.pool, self.cache)
         self.chat.setMinimumWidth(280)
+        self._build_teaching()
 
         self.splitter = QSplitter(Qt.Orientation.Horizontal)
         self.splitter.setObjectName("mainSplitter")
@@ -119,7 +140,10 @@ class MainWindow(QMainWindow):
         cl = QVBoxLayout(central)
         cl.setContentsMargins(6, 4, 6, 4)
         cl.setSpacing(4)
-        cl.addWidget(self._build_banners())
+        self.banners = Banners()
+        self.banner, self.error_banner = self.banners.banner, self.banners.error_banner
+        self.error_label, self.overfit_banner = self.banners.error_label, self.banners.alarm_banner
+        cl.addWidget(self.banners)
         cl.addWidget(self.splitter, 1)
         self.setCentralWidget(central)
         self.statusBar().showMessage("Drop a training file to begin.")
@@ -127,33 +151,6 @@ class MainWindow(QMainWindow):
         self._estimate_timer.setSingleShot(True)
         self._estimate_timer.setInterval(150)
         self._estimate_timer.timeout.connect(self.update_estimate)
-
-    def _build_banners(self) -> QWidget:
-        box = QWidget()
-        lay = QVBoxLayout(box)
-        lay.setContentsMargins(0, 0, 0, 0)
-        lay.setSpacing(4)
-        self.banner = QLabel("")
-        self.banner.setObjectName("banner")
-        self.banner.setWordWrap(True)
-        self.banner.setVisible(False)
-        self.error_banner = QWidget()
-        self.error_banner.setObjectName("errorBanner")
-        self.error_banner.setAttribute(Qt.WidgetAttribute.WA_StyledBackground, True)
-        eb = QHBoxLayout(self.error_banner)
-        eb.setContentsMargins(8, 4, 4, 4)
-        self.error_label = QLabel("")
-        self.error_label.setObjectName("errorLabel")
-        self.error_label.setWordWrap(True)
-        self.error_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        close = QPushButton("Dismiss")
-        close.clicked.connect(self.clear_error)
-        eb.addWidget(self.error_label, 1)
-        eb.addWidget(close)
-        self.error_banner.setVisible(False)
-        lay.addWidget(self.banner)
-        lay.addWidget(self.error_banner)
-        return box
 
     def _wire(self) -> None:
         dp = self.data_panel
@@ -171,7 +168,7 @@ class MainWindow(QMainWindow):
         h.renameRequested.connect(self.rename_run)
         h.deleteRequested.connect(self.delete_run)
         h.overlayChanged.connect(self._overlay_changed)
-        h.exportModelRequested.connect(lambda p: self.export_model(p, adapter=False))
+        h.exportModelRequested.connect(self.export_dialog)
         h.exportAdapterRequested.connect(lambda p: self.export_model(p, adapter=True))
         h.continueRequested.connect(self.continue_run)
         self.chat.replyFinished.connect(self.replyFinished)
@@ -255,7 +252,7 @@ class MainWindow(QMainWindow):
     def _fill_base_box(self) -> None:
         runs = [(f"Run: {e.title}", str(Path(e.path) / "model")) for e in self.runs.runs_with_model()]
         self.data_panel.set_base_choices(str(self.embedded_base), self._embedded_ok, self.base_model_path, runs,
-                                         CHOOSE_FOLDER)
+                                         CHOOSE_FOLDER, self.cached_choices())
 
     def _base_box_changed(self) -> None:
         data = self.data_panel.base_box.currentData()
@@ -347,11 +344,12 @@ class MainWindow(QMainWindow):
         if rep.ok:
             self.clear_error()
             self.statusBar().showMessage(f"Loaded {path}: {rep.summary_line()}", 8000)
+            self._refresh_examples()
         self._update_run_enabled()
         self._schedule_estimate()
         if self._pending_run:
-            self._pending_run = False
-            self.start_training()
+            one_step, self._pending_run = self._pending_run == "step", False
+            self.start_training(one_step=one_step)
 
     def show_issue_line(self, issue) -> None:
         """Show the file line an issue points at (read on a worker)."""
@@ -402,12 +400,14 @@ class MainWindow(QMainWindow):
         self.run_action.setEnabled(bool(can))
         self.pause_action.setEnabled(self.is_training())
         self.stop_action.setEnabled(self.is_training())
+        self._update_step_enabled()
 
-    def start_training(self) -> None:
+    def start_training(self, one_step: bool = False) -> None:
+        """Run (or, one_step, Step from idle: the run pauses after its first step)."""
         if self.is_training():
             return
         if self.data.checking:
-            self._pending_run = True    # starts as soon as the file is checked
+            self._pending_run = "step" if one_step else True    # starts as soon as the file is checked
             self.statusBar().showMessage("Checking the file; the run starts right after.")
             return
         if not self.base_ok():
@@ -418,7 +418,9 @@ class MainWindow(QMainWindow):
             return
         try:
             kw = self.data_panel.train_config_kwargs()
-            self.training.start(self.data.path, self.base_model_path, kw, self.data_panel.validation_path())
+            kw["quiz_file"] = self.quiz_view.quiz_file()     # scored at every evaluation, drawn on the chart
+            self.training.start(self.data.path, self.base_model_path, kw, self.data_panel.validation_path(),
+                                one_step=one_step)
         except ValueError as e:
             self.show_error(f"Cannot start: {e}")
             return
@@ -427,29 +429,6 @@ class MainWindow(QMainWindow):
             return
         self.clear_error()
         self._save_settings(sync=False)
-
-    def continue_run(self, run_dir: str, extra_epochs: int | None = None) -> None:
-        """Resume a stopped run, or add epochs to a finished one, from its newest checkpoint."""
-        if self.is_training():
-            self.show_error("A run is in progress: wait for it to end (or stop it) first.")
-            return
-        if extra_epochs is None:
-            entry = self.runs.entry(run_dir)
-            finished = entry is not None and entry.info.status == "finished"
-            n, ok = QInputDialog.getInt(self, "Continue training",
-                                        "Epochs to add:" if finished else
-                                        "Epochs to add after finishing the planned ones (0 = just finish):",
-                                        1 if finished else 0, 0, 1000)
-            if not ok:
-                return
-            extra_epochs = n
-        self.clear_error()
-        try:
-            self.training.continue_run(str(run_dir), int(extra_epochs))
-        except Exception as e:  # noqa: BLE001
-            self.show_error(f"Cannot continue: {plain_error(e)}")
-            return
-        self.left_tabs.setCurrentIndex(0)
 
     def toggle_pause(self) -> None:
         self.training.toggle_pause()
@@ -462,7 +441,8 @@ class MainWindow(QMainWindow):
 
     def _on_launched(self, run_dir: str, continuing: bool) -> None:
         self._opened_run = None
-        self.monitor.begin(continuing)
+        self.banners.hide_alarm()
+        self.monitor.begin(continuing, self.data_panel.method.currentData())
         self.training.set_focus_matrix(self.weights_view.chosen_name())
         self.data_panel.set_running(True)
         self.data_panel.show_preparing()
@@ -479,6 +459,7 @@ class MainWindow(QMainWindow):
 
     def _on_pause_requested(self, paused: bool) -> None:
         self.data_panel.set_running(True, paused=paused)
+        self._update_step_enabled()
         if paused:
             self.phase_strip.set_active(None)
             self.statusBar().showMessage("Pausing after the current step. You can chat with the base model, "
@@ -489,8 +470,11 @@ class MainWindow(QMainWindow):
 
     def _on_paused(self, e) -> None:
         self.monitor.paused()
+        self.data_panel.set_running(True, paused=True)
         self.data_panel.show_paused(True)
-        self.statusBar().showMessage(f"Paused at step {e.step}.", 8000)
+        self._update_step_enabled()
+        self._refresh_token_models()
+        self.statusBar().showMessage(f"Paused at step {e.step}: Step runs one more, Resume goes on.", 8000)
 
     def _on_checkpoint(self, e) -> None:
         self.statusBar().showMessage(f"Checkpoint saved at step {e.step}.", 5000)
@@ -499,6 +483,7 @@ class MainWindow(QMainWindow):
     def _on_training_ended(self, e) -> None:
         from ..training import events as ev
         self.data_panel.set_running(False)
+        self.banners.run_ended()
         self.monitor.finished()
         if self.training.last_speed and self.base_model_path:
             self.qsettings.setValue(f"speed/{self.base_model_path}", float(self.training.last_speed))
@@ -512,8 +497,10 @@ class MainWindow(QMainWindow):
             self.show_error("Training ended without finishing.")
         self.refresh_runs()
         self._update_run_enabled()
+        self._refresh_token_models()
         if isinstance(e, ev.RunFinished):
             self.trainingFinished.emit(e.run_dir)
+            self._ask_quiz(e.run_dir, e.model_dir or str(Path(e.run_dir) / "model"))
 
     def _switch_chat_to(self, e) -> None:
         """The chat talks to the tuned model at once (the run list that follows adds the rest)."""
@@ -523,90 +510,6 @@ class MainWindow(QMainWindow):
                                        str(details.get("system_prompt") or "")))
         self.chat.select_model(model_dir)
         self._select_after_listing = e.run_dir
-
-    # ================================================================== runs and models
-    def refresh_runs(self) -> None:
-        """List the runs again (on a worker); the history, base box and chat models follow."""
-        self.runs.refresh()
-
-    def _on_runs_listed(self, entries) -> None:
-        self.history.set_runs(entries)
-        self._fill_base_box()
-        self.refresh_models()
-        if self._select_after_listing:
-            self.history.select_run(self._select_after_listing)
-            self._select_after_listing = None
-
-    def _on_runs_failed(self, message: str) -> None:
-        self.show_error(message)
-
-    def refresh_models(self) -> None:
-        base = self.base_model_path if self.base_ok() else None
-        label = "Base model (built-in)" if base and Path(base) == Path(self.embedded_base) \
-            else f"Base model: {Path(base or '').name}"
-        self.chat.set_models(chat_models(base, label, self.runs.entries))
-
-    def open_run(self, run_dir: str) -> None:
-        """Show a saved run's charts and switch the chat to it (its metrics are read on a worker)."""
-        if self.is_training():
-            self.show_error("A run is in progress: its charts are shown. Open other runs after it ends.")
-            return
-        self.runs.open(run_dir)
-
-    def _on_run_opened(self, run_dir: str, rows: list) -> None:
-        if self.is_training():
-            return
-        self._opened_run = run_dir
-        self.monitor.show_saved_run(rows)
-        if not self.chat.select_model(str(Path(run_dir) / "model")):
-            entry = self.runs.entry(run_dir)
-            if entry is not None and entry.checkpoints:
-                self.chat.select_model(f"checkpoint::{run_dir}::{entry.checkpoints[-1]}")
-        self.statusBar().showMessage(f"Opened {self.runs.title(run_dir)}", 6000)
-
-    def rename_run(self, run_dir: str) -> None:
-        new, ok = QInputDialog.getText(self, "Rename run", "New name:", text=self.runs.title(run_dir))
-        if ok and new.strip():
-            self.runs.rename(run_dir, new.strip())
-
-    def delete_run(self, run_dir: str, confirm: bool = True) -> None:
-        if self.is_training() and self.run_dir and Path(run_dir) == Path(self.run_dir):
-            self.show_error("This run is still training. Stop it before deleting it.")
-            return
-        title = self.runs.title(run_dir)
-        if confirm and self.confirm_close:
-            ans = QMessageBox.question(self, "Delete run", f"Delete {title} with its model and charts? "
-                                                           "This cannot be undone.")
-            if ans != QMessageBox.StandardButton.Yes:
-                return
-        self.loss_panel.remove_overlay(title)
-        self.runs.delete(run_dir)
-
-    def _overlay_changed(self, run_dir: str, on: bool) -> None:
-        if on:
-            self.runs.load_overlay(run_dir)
-        else:
-            self.loss_panel.remove_overlay(self.runs.title(run_dir))
-
-    def _on_overlay_ready(self, run_dir: str, title: str, rows: list) -> None:
-        if self.history.is_overlaid(run_dir):
-            self.loss_panel.add_overlay(title, rows)
-
-    def export_model(self, run_dir: str | None, adapter: bool = False, dest: str | None = None) -> None:
-        run_dir = run_dir or self._opened_run or self.run_dir or self.chat.current_run_dir()
-        if not run_dir:
-            self.show_error("Finish or open a run first: there is no tuned model to export yet.")
-            return
-        problem = self.runs.export_problem(run_dir, adapter)
-        if problem:
-            self.show_error(problem)
-            return
-        if dest is None:
-            parent = QFileDialog.getExistingDirectory(self, "Export to which folder?")
-            if not parent:
-                return
-            dest = str(Path(parent) / f"{Path(run_dir).name}-{'adapter' if adapter else 'model'}")
-        self.runs.export(run_dir, adapter, dest)
 
     # ================================================================== settings and closing
     def _restore_settings(self) -> None:

@@ -10,7 +10,10 @@ HELP_TEXT = (
     "3. Press Run. Every step the model reads a batch (forward), measures how wrong it was "
     "(loss), works out which way each weight should move (backpropagation) and moves them "
     "a little (update).\n"
-    "4. Watch the loss fall and the weights change, then chat with the tuned model.\n\n"
+    "4. Watch the loss fall and the weights change, then chat with the tuned model. \"Did it learn?\" asks "
+    "the tuned and the base model your questions side by side.\n"
+    "5. Step runs exactly one step and shows what each phase computed; double-click an example in the data "
+    "table to see the loss of each of its tokens.\n\n"
     "The model starts from pre-trained weights, not random ones: fine-tuning only nudges them.")
 
 
@@ -23,18 +26,24 @@ def build_menus(win) -> None:
     fm.addAction(_action(win, "Open &validation file…", win.browse_validation_file))
     fm.addAction(_action(win, "Choose base model &folder…", win.choose_base_folder))
     fm.addSeparator()
-    fm.addAction(_action(win, "&Export tuned model…", lambda: win.export_model(None, adapter=False),
-                         "Ctrl+E"))
-    fm.addAction(_action(win, "Export LoRA &adapter…", lambda: win.export_model(None, adapter=True)))
+    win.export_action = _action(win, "&Export…", lambda: win.export_dialog(None), "Ctrl+E")
+    win.export_action.setToolTip("GGUF (f32 / f16 / q8_0) with an Ollama Modelfile, a Hugging Face folder, or the "
+                                 "PEFT adapter")
+    fm.addAction(win.export_action)
     fm.addAction(_action(win, "Export loss chart as &PNG…", win.loss_panel.export_png_dialog))
     fm.addAction(_action(win, "Export loss chart as &CSV…", win.loss_panel.export_csv_dialog))
     fm.addSeparator()
     fm.addAction(_action(win, "&Quit", win.close, QKeySequence.StandardKey.Quit))
+    rm = mb.addMenu("R&uns")
+    win.import_action = _action(win, "&Import…", win.import_dialog)
+    rm.addAction(win.import_action)
+    rm.addAction(_action(win, "Run &history", lambda: win.left_tabs.setCurrentIndex(1)))
     tm = mb.addMenu("&Training")
     win.run_action = _action(win, "&Run", win.start_training, "Ctrl+R")
     win.pause_action = _action(win, "&Pause / Resume", win.toggle_pause, "Ctrl+P")
     win.stop_action = _action(win, "&Stop", win.stop_training, "Ctrl+.")
-    for a in (win.run_action, win.pause_action, win.stop_action):
+    win.step_action = _action(win, "Run one &step", win.step, "Ctrl+T")
+    for a in (win.run_action, win.step_action, win.pause_action, win.stop_action):
         tm.addAction(a)
     vm = mb.addMenu("&View")
     vm.addAction(_action(win, "Run &history", lambda: win.left_tabs.setCurrentIndex(1), "Ctrl+H"))

@@ -1,13 +1,14 @@
 """The centre of the window: the training monitor. On top the loss chart (with the learning-rate
-strip) and the phase strip; below, a tab widget of views inside the model (weights and biases
-now; further views are added as tabs). It turns the training controller's events into what
-each view shows."""
+strip) and the phase strip; below, a tab widget of views inside the model (the weights of one
+matrix; which matrices moved most; the window adds step mode, per-token loss and the quiz). It
+turns the training controller's events into what each view shows."""
 from __future__ import annotations
 
 from PySide6.QtCore import QByteArray, Qt, Signal
 from PySide6.QtWidgets import QSplitter, QTabWidget, QVBoxLayout, QWidget
 
 from .loss_chart import LossPanel
+from .overview_view import OverviewView
 from .phase_strip import PhaseStrip
 from .weights_view import WeightsView
 
@@ -20,6 +21,7 @@ class MonitorPanel(QWidget):
         self.loss_panel = LossPanel()
         self.phase_strip = PhaseStrip()
         self.weights_view = WeightsView()
+        self.overview = OverviewView()
         self.weights_view.proj_box.currentIndexChanged.connect(self._focus_changed)
         self.weights_view.layer_box.currentIndexChanged.connect(self._focus_changed)
         top = QWidget()
@@ -31,8 +33,13 @@ class MonitorPanel(QWidget):
         self.tabs = QTabWidget()
         self.tabs.setObjectName("centreTabs")
         self.tabs.setDocumentMode(True)
-        self.tabs.addTab(self.weights_view, "Weights && biases")
-        self.weights_view.title_label.hide()        # the tab says it
+        self.tabs.addTab(self.weights_view, "Weights")
+        self.tabs.addTab(self.overview, "Which moved")
+        self.tabs.setTabToolTip(0, "Weights and biases of one matrix: its change since the start, row and column "
+                                   "RMS, bias, histogram.")
+        self.tabs.setTabToolTip(1, "Every layer and matrix at once, coloured by how far it moved since the start; "
+                                   "the update size per layer and the gradient norm.")
+        self.tabs.setUsesScrollButtons(True)
         self.splitter = QSplitter(Qt.Orientation.Vertical)
         self.splitter.setObjectName("centreSplitter")
         self.splitter.addWidget(top)
@@ -50,13 +57,16 @@ class MonitorPanel(QWidget):
         return self.tabs.addTab(widget, title)
 
     # ------------------------------------------------------------------ a run
-    def begin(self, continuing: bool) -> None:
+    def begin(self, continuing: bool, method: str | None = None) -> None:
         """A run is launched (the loop has not started yet)."""
         self.loss_panel.clear_overlays()
         if not continuing:
             self.loss_panel.reset()
         self._history = None
         self.weights_view.reset()
+        if method:
+            self.weights_view.set_method(method)
+        self.overview.reset()
         self.phase_strip.reset()
 
     def set_history(self, rows: list[dict]) -> None:
@@ -69,11 +79,11 @@ class MonitorPanel(QWidget):
             # the loop truncates metrics.jsonl to the checkpoint: show the same on the chart
             self.loss_panel.load_rows([r for r in self._history if (r.get("step") or 0) <= e.resumed_from_step])
         self.loss_panel.begin_run(e.total_steps, e.learning_rate)
-        self.weights_view.set_total_steps(e.total_steps)
+        self.overview.set_total_steps(e.total_steps)
 
     def add_steps(self, metrics: list) -> None:
         self.loss_panel.add_steps(metrics)
-        self.weights_view.add_steps(metrics)
+        self.overview.add_steps(metrics)
         if metrics:
             self.phase_strip.set_times(metrics[-1].phases)
 
@@ -82,6 +92,7 @@ class MonitorPanel(QWidget):
 
     def add_snapshot(self, snap) -> None:
         self.weights_view.add_snapshot(snap)
+        self.overview.add_snapshot(snap)
 
     def set_phase(self, e) -> None:
         self.phase_strip.set_active(e.phase)
@@ -98,9 +109,10 @@ class MonitorPanel(QWidget):
     def show_saved_run(self, rows: list[dict]) -> None:
         self.loss_panel.load_rows(rows)
         self.weights_view.reset()
-        self.weights_view.load_rows(rows)
-        self.weights_view.info.setText("Weight snapshots are shown live during a run; this run's gradient norms "
-                                       "are below.")
+        self.overview.reset()
+        self.overview.load_rows(rows)
+        self.weights_view.info.setText("Weight snapshots are shown live during a run; the overview tab shows how "
+                                       "far this run's matrices moved and its gradient norms.")
 
     def _focus_changed(self) -> None:
         name = self.weights_view.chosen_name()
@@ -120,12 +132,13 @@ class MonitorPanel(QWidget):
         if isinstance(state, QByteArray) and not state.isEmpty():
             self.splitter.restoreState(state)
         try:
-            self.tabs.setCurrentIndex(int(s.value("centre_tab", 0)))
+            self._saved_tab = int(s.value("centre_tab", 0))
         except (TypeError, ValueError):
-            pass
+            self._saved_tab = 0
+        self.tabs.setCurrentIndex(self._saved_tab)
         self.loss_panel.restore_settings(s)
         self.weights_view.restore_settings(s)
 
     def stop_timers(self) -> None:
-        for t in (self.loss_panel.timer, self.weights_view.timer, self.phase_strip.timer):
+        for t in (self.loss_panel.timer, self.weights_view.timer, self.phase_strip.timer, self.overview.timer):
             t.stop()

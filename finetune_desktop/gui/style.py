@@ -26,7 +26,9 @@ VALID = (214, 96, 30)
 ACCURACY = (35, 122, 59)
 LR = (120, 80, 160)
 GRADNORM = (150, 60, 60)
-OVERLAY = [(200, 60, 140), (60, 160, 160), (160, 130, 30), (100, 100, 100), (90, 60, 200)]
+GENERAL = (120, 110, 20)    # general-ability loss (forgetting meter)
+QUIZ = (200, 60, 140)       # quiz score
+OVERLAY = [(90, 60, 200), (60, 160, 160), (160, 130, 30), (100, 100, 100), (40, 140, 90)]
 
 
 def app_font(point_size: float | None = None) -> QFont:

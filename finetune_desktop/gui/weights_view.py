@@ -1,17 +1,20 @@
 """The weights-and-biases view: what fine-tuning does to the numbers inside the model.
 
-- a heatmap of one matrix (layer + projection picker): its change since the start
-  (W - W0, or scale * B @ A with LoRA) on a diverging colormap with FIXED symmetric levels,
-  so growth is visible as colour getting stronger; "Rescale" fits the levels to now; or the
-  current values;
+- a heatmap of one matrix (layer + projection picker): its change since the start (W - W0; with
+  LoRA the effective change (alpha/r)·B·A, which is what the adapter adds to W) on a diverging
+  colormap with a SYMMETRIC scale set from the 99th percentile of |values| (so at most ~1% of the
+  cells saturate); the scale only grows when the change outgrows it (so growth shows as colour
+  getting stronger) and "Rescale" fits it to now; or the current values;
+- beside it, the RMS of each row (output) and column (input) of the shown matrix: where the
+  change concentrates;
 - the chosen layer's bias vector now against its pre-trained values;
-- bars: relative update size ||dW|| / ||W|| per layer;
-- the global gradient norm per step;
 - a histogram of the shown matrix.
+(Which matrices moved most, the update size per layer and the gradient norm are in the
+overview tab, overview_view.py.)
 
 Snapshots arrive as copies (WeightSnapshot events, up to ~4 a second); the latest one is drawn
-at most 2.5 times a second, spread over three timer ticks (heatmap; histogram and bias; bars
-and gradient norm), and only while the view is on screen. The plots' ranges only move when the
+at most 2.5 times a second, spread over two timer ticks (heatmap and its row/column RMS;
+histogram and bias), and only while the view is on screen. The plots' ranges only move when the
 data leaves them (ranges.py), so their axes are not recomputed and repainted on every update."""
 from __future__ import annotations
 
@@ -25,11 +28,13 @@ from PySide6.QtWidgets import (QButtonGroup, QComboBox, QHBoxLayout, QLabel, QPu
                                QSizePolicy, QVBoxLayout, QWidget)
 
 from . import style
-from .buffers import Series
 from .ranges import StableRange, ViewFit, finite_min_max
 
 DRAW_INTERVAL_S = 0.4   # a new snapshot is drawn at most this often
 TICK_MS = 120           # one stage of a drawing per tick
+LEVEL_PERCENTILE = 99.0  # the colour scale is ± this percentile of |values| ...
+LEVEL_HEADROOM = 1.25    # ... times this when it grows (so growth stays visible as stronger colour)
+LEVEL_SHRINK = 0.1       # ... and it is fitted again only when the values fall below this share of it
 
 DIVERGING = pg.ColorMap(pos=np.array([0.0, 0.25, 0.5, 0.75, 1.0]),
                         color=np.array([(33, 102, 172), (146, 197, 222), (247, 247, 247), (244, 165, 130),
@@ -63,14 +68,12 @@ class WeightsView(QWidget):
         self.snapshot_count = 0          # snapshots received (tests read this)
         self.latest = None               # the latest WeightSnapshot
         self.focus_name: str | None = None   # the matrix whose full-resolution histogram the loop sends
+        self.method = "lora"             # the run's method (how the change is made)
         self._pending = False
-        self._levels: dict[tuple[str, str], float] = {}   # (mode, matrix) -> fixed symmetric level
+        self._levels: dict[tuple[str, str], float] = {}   # (mode, matrix) -> symmetric colour level
         self._names: list[str] = []
-        self.grad = Series(("step", "grad_norm"))
-        self._grad_dirty = False
         self._stages: list = []
         self._last_cycle = -1e9
-        self._total_steps = 0
         self._build()
         self.timer = QTimer(self)            # runs only while there is something to draw
         self.timer.setInterval(TICK_MS)
@@ -80,8 +83,11 @@ class WeightsView(QWidget):
     def _build(self) -> None:
         self.layer_box = QComboBox()
         self.layer_box.setToolTip("Which transformer layer to look inside.")
+        self.layer_box.setMinimumContentsLength(8)
+        self.layer_box.setMaxVisibleItems(16)
         self.proj_box = QComboBox()
         self.proj_box.setToolTip("Which weight matrix of that layer: q/k/v/o are attention, gate/up/down the MLP.")
+        self.proj_box.setMinimumContentsLength(9)
         self.mode_delta = QRadioButton("Change since start")
         self.mode_delta.setToolTip("Colour = how much each weight moved away from its pre-trained value. "
                                    "Blue went down, red went up, white did not change.")
@@ -92,8 +98,8 @@ class WeightsView(QWidget):
         grp.addButton(self.mode_delta)
         grp.addButton(self.mode_now)
         self.rescale_button = QPushButton("Rescale")
-        self.rescale_button.setToolTip("The colour scale is kept fixed so you can watch changes grow. "
-                                       "Press to fit it to the values shown now.")
+        self.rescale_button.setToolTip("The colour scale grows with the change so you can watch it grow. "
+                                       "Press to fit it to the values shown now (99% of them inside).")
         self.info = QLabel("Weights appear here when training starts.")
         self.info.setObjectName("weightsInfo")
         self.info.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
@@ -101,90 +107,19 @@ class WeightsView(QWidget):
             w.currentIndexChanged.connect(self._selection_changed)
         self.mode_delta.toggled.connect(self._selection_changed)
         self.rescale_button.clicked.connect(self.rescale)
-
         row = QHBoxLayout()
         row.setContentsMargins(0, 0, 0, 0)
-        self.title_label = QLabel("<b>Weights &amp; biases</b>")
-        row.addWidget(self.title_label)
-        row.addWidget(self.layer_box)
-        row.addWidget(self.proj_box)
-        row.addWidget(self.mode_delta)
-        row.addWidget(self.mode_now)
-        row.addWidget(self.rescale_button)
+        for w in (self.layer_box, self.proj_box, self.mode_delta, self.mode_now,
+                  self.rescale_button):
+            row.addWidget(w)
         row.addStretch(1)
-
         self.glw = pg.GraphicsLayoutWidget()
         self.glw.setBackground("w")
         self.glw.setObjectName("weightsGraphics")
-        self.glw.ci.setSpacing(4)
-        self.glw.ci.layout.setHorizontalSpacing(14)
-        # heatmap
-        self.heat_plot = self.glw.addPlot(row=0, col=0, rowspan=2, title="")
-        self.heat_plot.setTitle("change since start", size="8pt")
-        self.heat_plot.invertY(True)
-        self.heat_plot.setAspectLocked(False)
-        self.heat_plot.hideAxis("bottom")
-        self.heat_plot.hideAxis("left")
-        self.heat_plot.setMenuEnabled(False)
-        self.image = pg.ImageItem(axisOrder="row-major")
-        self.image.setColorMap(DIVERGING)
-        self.heat_plot.addItem(self.image)
-        self.colorbar = pg.ColorBarItem(values=(-1e-3, 1e-3), colorMap=DIVERGING, interactive=False, width=10)
-        self.colorbar.setImageItem(self.image)
-        self.glw.addItem(self.colorbar, row=0, col=1, rowspan=2)
-        # bias now vs pre-trained
-        self.bias_plot = self.glw.addPlot(row=0, col=2)
-        self.bias_plot.setTitle("bias now vs start", size="8pt")
-        self.bias_plot.showGrid(y=True, alpha=0.2)
-        self.bias_start = self.bias_plot.plot(pen=pg.mkPen((150, 150, 150), width=1.5), name="pre-trained")
-        self.bias_now = self.bias_plot.plot(pen=pg.mkPen((178, 24, 43), width=1.2), name="now")
-        self.bias_note = pg.TextItem("", color=(110, 110, 110), anchor=(0.5, 0.5))
-        self.bias_plot.addItem(self.bias_note, ignoreBounds=True)
-        # histogram
-        self.hist_plot = self.glw.addPlot(row=0, col=3)
-        self.hist_plot.setTitle("value histogram", size="8pt")
-        self.hist_curve = self.hist_plot.plot(stepMode="center", fillLevel=0, brush=(31, 95, 168, 90),
-                                              pen=pg.mkPen(style.TRAIN_SMOOTH, width=1))
-        # relative update per layer
-        self.bar_plot = self.glw.addPlot(row=1, col=2)
-        self.bar_plot.setTitle("update size / layer", size="8pt")
-        self.bar_plot.showGrid(y=True, alpha=0.2)
-        self.bars = pg.BarGraphItem(x=[], height=[], width=0.7, brush=(31, 95, 168, 180))
-        self.bar_plot.addItem(self.bars)
-        # gradient norm line
-        self.grad_plot = self.glw.addPlot(row=1, col=3)
-        self.grad_plot.setTitle("gradient norm", size="8pt")
-        self.grad_plot.showGrid(y=True, alpha=0.2)
-        self.grad_plot.setClipToView(True)
-        self.grad_plot.setDownsampling(auto=True, mode="peak")
-        self.grad_curve = self.grad_plot.plot(pen=pg.mkPen(style.GRADNORM, width=1.2))
-        for p in (self.bias_plot, self.hist_plot, self.bar_plot, self.grad_plot):
-            p.setMenuEnabled(False)
-            p.getAxis("left").setWidth(38)
-            for ax in ("left", "bottom"):
-                p.getAxis(ax).setStyle(tickFont=style.app_font(7))
-        for p in (self.bias_plot, self.hist_plot, self.bar_plot, self.grad_plot):
-            p.setMinimumWidth(90)
-            p.setPreferredWidth(150)
-        self.heat_plot.setMinimumWidth(140)
-        self.heat_fit = ViewFit(self.heat_plot.vb, StableRange(headroom=0.0), StableRange(headroom=0.0))
-        self.bias_fit = ViewFit(self.bias_plot.vb, StableRange(headroom=0.0), StableRange(headroom=0.1, shrink=0.3))
-        self.hist_fit = ViewFit(self.hist_plot.vb, StableRange(headroom=0.05, shrink=0.3),
-                                StableRange(headroom=0.15, floor=0.0, shrink=0.3))
-        self.bar_fit = ViewFit(self.bar_plot.vb, StableRange(headroom=0.0), StableRange(headroom=0.2, floor=0.0, shrink=0.3))
-        self.grad_fit = ViewFit(self.grad_plot.vb, StableRange(headroom=0.0, floor=0.0),
-                                StableRange(headroom=0.2, floor=0.0, shrink=0.2))
-        for p in (self.bias_plot, self.hist_plot, self.bar_plot, self.grad_plot):
-            p.hideButtons()
-            for ax in ("left", "bottom"):
-                p.getAxis(ax).enableAutoSIPrefix(False)
-        style.cache_axes(self.heat_plot, self.bias_plot, self.hist_plot, self.bar_plot, self.grad_plot)
-        if hasattr(self.colorbar, "axis"):
-            self.colorbar.axis.setCacheMode(self.colorbar.axis.CacheMode.DeviceCoordinateCache)
-        self.glw.ci.layout.setColumnStretchFactor(0, 4)
-        self.glw.ci.layout.setColumnStretchFactor(2, 2)
-        self.glw.ci.layout.setColumnStretchFactor(3, 2)
-
+        self.glw.ci.setSpacing(2)
+        self.glw.ci.layout.setHorizontalSpacing(6)
+        self._build_heat()
+        self._build_side()
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         lay.setSpacing(2)
@@ -192,31 +127,102 @@ class WeightsView(QWidget):
         lay.addWidget(self.info)
         lay.addWidget(self.glw, 1)
 
+    def _build_heat(self) -> None:
+        """The heatmap with the column RMS above it, the row RMS beside it and the colour bar."""
+        g = self.glw
+        self.col_plot = g.addPlot(row=0, col=0)
+        self.heat_plot = g.addPlot(row=1, col=0)
+        self.row_plot = g.addPlot(row=1, col=1)
+        self.heat_plot.setTitle("change since start", size="8pt")
+        self.heat_plot.invertY(True)
+        self.heat_plot.setAspectLocked(False)
+        self.image = pg.ImageItem(axisOrder="row-major")
+        self.image.setColorMap(DIVERGING)
+        self.heat_plot.addItem(self.image)
+        self.colorbar = pg.ColorBarItem(values=(-1e-3, 1e-3), colorMap=DIVERGING, interactive=False, width=10)
+        self.colorbar.setImageItem(self.image)
+        g.addItem(self.colorbar, row=1, col=2)
+        self.col_bars = pg.BarGraphItem(x=[], height=[], width=0.9, brush=(120, 120, 120, 170), pen=None)
+        self.col_plot.addItem(self.col_bars)
+        self.row_bars = pg.BarGraphItem(x0=[], y=[], width=[], height=0.9, brush=(120, 120, 120, 170), pen=None)
+        self.row_plot.addItem(self.row_bars)
+        self.row_plot.invertY(True)
+        self.col_plot.setXLink(self.heat_plot)
+        self.row_plot.setYLink(self.heat_plot)
+        self.col_plot.setMaximumHeight(46)
+        self.col_plot.setTitle("RMS per column (input)", size="7pt")
+        self.row_plot.setMaximumWidth(64)
+        self.row_plot.setTitle("per row", size="7pt")
+        self.col_plot.setToolTip("How much each input column of the matrix changed (RMS over its rows): "
+                                 "which input features the change uses.")
+        self.row_plot.setToolTip("How much each output row changed (RMS over its columns): which outputs "
+                                 "the change writes to.")
+        for p in (self.heat_plot, self.col_plot, self.row_plot):
+            p.hideAxis("bottom")
+            p.hideAxis("left")
+            p.setMenuEnabled(False)
+            p.hideButtons()
+            p.setMouseEnabled(x=False, y=False)
+        self.heat_plot.setMinimumWidth(140)
+        self.heat_fit = ViewFit(self.heat_plot.vb, StableRange(headroom=0.0), StableRange(headroom=0.0))
+        self.col_fit = ViewFit(self.col_plot.vb, StableRange(headroom=0.0), StableRange(headroom=0.1, floor=0.0,
+                                                                                        shrink=0.3))
+        self.row_fit = ViewFit(self.row_plot.vb, StableRange(headroom=0.1, floor=0.0, shrink=0.3),
+                               StableRange(headroom=0.0))
+        g.ci.layout.setColumnStretchFactor(0, 5)
+
+    def _build_side(self) -> None:
+        side = self.glw.addLayout(row=0, col=3, rowspan=2)
+        self.bias_plot = side.addPlot(row=0, col=0)
+        self.bias_plot.setTitle("bias now vs start", size="8pt")
+        self.bias_plot.showGrid(y=True, alpha=0.2)
+        self.bias_start = self.bias_plot.plot(pen=pg.mkPen((150, 150, 150), width=1.5), name="pre-trained")
+        self.bias_now = self.bias_plot.plot(pen=pg.mkPen((178, 24, 43), width=1.2), name="now")
+        self.bias_note = pg.TextItem("", color=(110, 110, 110), anchor=(0.5, 0.5))
+        self.bias_plot.addItem(self.bias_note, ignoreBounds=True)
+        self.hist_plot = side.addPlot(row=1, col=0)
+        self.hist_plot.setTitle("value histogram", size="8pt")
+        self.hist_curve = self.hist_plot.plot(stepMode="center", fillLevel=0, brush=(31, 95, 168, 90),
+                                              pen=pg.mkPen(style.TRAIN_SMOOTH, width=1))
+        for p in (self.bias_plot, self.hist_plot):
+            p.setMenuEnabled(False)
+            p.hideButtons()
+            p.getAxis("left").setWidth(38)
+            p.setMinimumWidth(90)
+            p.setPreferredWidth(170)
+            for ax in ("left", "bottom"):
+                p.getAxis(ax).setStyle(tickFont=style.app_font(7))
+                p.getAxis(ax).enableAutoSIPrefix(False)
+        self.bias_fit = ViewFit(self.bias_plot.vb, StableRange(headroom=0.0), StableRange(headroom=0.1, shrink=0.3))
+        self.hist_fit = ViewFit(self.hist_plot.vb, StableRange(headroom=0.05, shrink=0.3),
+                                StableRange(headroom=0.15, floor=0.0, shrink=0.3))
+        style.cache_axes(self.heat_plot, self.bias_plot, self.hist_plot, self.col_plot, self.row_plot)
+        if hasattr(self.colorbar, "axis"):
+            self.colorbar.axis.setCacheMode(self.colorbar.axis.CacheMode.DeviceCoordinateCache)
+        self.glw.ci.layout.setColumnStretchFactor(3, 3)
+
     # ------------------------------------------------------------------ data in
     def reset(self) -> None:
         self.snapshot_count = 0
         self.latest = None
         self._levels.clear()
         self._names = []
-        self.grad.clear()
-        self._grad_dirty = True
         with _Blocked(self.layer_box, self.proj_box):
             self.layer_box.clear()
             self.proj_box.clear()
         self.image.clear()
-        for c in (self.bias_now, self.bias_start, self.hist_curve, self.grad_curve):
+        for c in (self.bias_now, self.bias_start, self.hist_curve):
             c.setData([], [])
-        self.bars.setOpts(x=[], height=[])
-        for f in (self.heat_fit, self.bias_fit, self.hist_fit, self.bar_fit, self.grad_fit):
+        self.col_bars.setOpts(x=[], height=[])
+        self.row_bars.setOpts(x0=[], y=[], width=[])
+        for f in (self.heat_fit, self.bias_fit, self.hist_fit, self.col_fit, self.row_fit):
             f.reset()
-        self._total_steps = 0
         self._stages = []
         self.info.setText("Weights appear here when training starts.")
 
-    def set_total_steps(self, total: int) -> None:
-        """The run's planned steps: the gradient-norm plot's x axis is 0 .. total for the whole run."""
-        self._total_steps = max(1, int(total))
-        self.grad_fit.fix_x(0.0, float(self._total_steps))
+    def set_method(self, method: str) -> None:
+        """"lora" or "full": how the change since the start is made (the heatmap's title says it)."""
+        self.method = method or "lora"
 
     def save_settings(self, s) -> None:
         s.setValue("weights/mode", "delta" if self.mode_delta.isChecked() else "now")
@@ -233,20 +239,6 @@ class WeightsView(QWidget):
         if names != self._names:
             self._names = names
             self._fill_pickers()
-
-    def add_steps(self, metrics: list) -> None:
-        if metrics:
-            self.grad.append_rows({"step": [m.step for m in metrics], "grad_norm": [m.grad_norm for m in metrics]})
-            self._grad_dirty = True
-            self._kick()
-
-    def load_rows(self, rows: list[dict]) -> None:
-        self.grad.clear()
-        pts = [r for r in rows if r.get("grad_norm") is not None and r.get("step") is not None]
-        if pts:
-            self.grad.append_rows({"step": [r["step"] for r in pts], "grad_norm": [r["grad_norm"] for r in pts]})
-        self._grad_dirty = True
-        self._kick()
 
     # ------------------------------------------------------------------ pickers
     def _fill_pickers(self) -> None:
@@ -294,9 +286,20 @@ class WeightsView(QWidget):
     def rescale(self) -> None:
         mat, key = self._current_matrix()
         if mat is not None and mat.size:
-            self._levels[key] = float(np.max(np.abs(mat))) or 1e-6
+            self._levels[key] = percentile_level(mat)
             self._pending = True
             self._draw()
+
+    def level_for(self, key, mat: np.ndarray) -> float:
+        """The symmetric colour level of this matrix: set from the LEVEL_PERCENTILE of |values|,
+        grown (with headroom) only when the values outgrow it, fitted again when they shrink far."""
+        p = percentile_level(mat)
+        cur = self._levels.get(key)
+        if cur is None or cur <= 0 or p > cur or p < LEVEL_SHRINK * cur:
+            cur = p * LEVEL_HEADROOM if p > 0 else 0.0
+            if cur > 0:
+                self._levels[key] = cur
+        return cur
 
     def _current_matrix(self):
         snap, name = self.latest, self.chosen_name()
@@ -319,10 +322,10 @@ class WeightsView(QWidget):
             self.timer.start(TICK_MS)
 
     def _tick(self) -> None:
-        """At most one piece of the view per tick (heatmap / histogram+bias / bars+gradient), so a
-        new snapshot is drawn over three short event-loop turns instead of one long one; a new
-        drawing starts at most every DRAW_INTERVAL_S, and only while the view is on screen."""
-        if not (self._pending or self._stages or self._grad_dirty):
+        """At most one piece of the view per tick (heatmap and its row/column RMS / histogram and
+        bias), so a new snapshot is drawn over short event-loop turns instead of one long one; a
+        new drawing starts at most every DRAW_INTERVAL_S, and only while the view is on screen."""
+        if not (self._pending or self._stages):
             self.timer.stop()
             return
         if not self.on_screen():
@@ -333,25 +336,11 @@ class WeightsView(QWidget):
         if self._pending and not self._stages and now - self._last_cycle >= DRAW_INTERVAL_S:
             self._pending = False
             self._last_cycle = now
-            self._stages = [self._draw_heat, self._draw_hist_and_bias, self._draw_bars]
+            self._stages = [self._draw_heat, self._draw_hist_and_bias]
         if self._stages:
             self._stages.pop(0)()
             if not self._stages and self.latest is not None:
                 self.snapshotDrawn.emit(self.latest.step)
-            return
-        if self._grad_dirty and now - self._last_cycle >= DRAW_INTERVAL_S / 2:
-            self._draw_grad()
-
-    def _draw_grad(self) -> None:
-        self._grad_dirty = False
-        x, y = self.grad.view("step"), self.grad.view("grad_norm")
-        self.grad_curve.setData(x, y, connect="finite")
-        if len(x):
-            if x[-1] > (self.grad_fit.x.hi or 0.0):
-                self.grad_fit.fix_x(0.0, float(max(self._total_steps, x[-1])))
-            lo, hi = finite_min_max(y)
-            if hi == hi:
-                self.grad_fit.fit(y_lo=0.0, y_hi=hi)
 
     def _draw(self) -> None:
         """Everything at once (Rescale, a changed selection in tests)."""
@@ -361,7 +350,6 @@ class WeightsView(QWidget):
             return
         self._draw_heat()
         self._draw_hist_and_bias()
-        self._draw_bars()
         self.snapshotDrawn.emit(self.latest.step)
 
     def _draw_heat(self) -> None:
@@ -370,26 +358,41 @@ class WeightsView(QWidget):
         if snap is None or mat is None or mat.ndim != 2 or not mat.size:
             return
         mode, name = key
-        level = self._levels.get(key)
-        peak = float(np.max(np.abs(mat)))
-        if level is None or level <= 0:
-            # first sight of this matrix: leave headroom so growth stays visible (LoRA starts at 0)
-            level = (peak * (2.0 if mode == "delta" else 1.0)) if peak > 0 else 0.0
-            if level > 0:
-                self._levels[key] = level
+        level = self.level_for(key, mat)
         shown = level if level > 0 else 1e-6
         self.image.setImage(mat, levels=(-shown, shown), autoLevels=False)
-        self.heat_fit.fix_x(0.0, float(mat.shape[1]))
-        if (self.heat_fit.y.lo, self.heat_fit.y.hi) != (0.0, float(mat.shape[0])):
-            self.heat_fit.apply(None, self.heat_fit.y.fixed(0.0, float(mat.shape[0])))
+        rows, cols = mat.shape
+        self.heat_fit.fix_x(0.0, float(cols))
+        if (self.heat_fit.y.lo, self.heat_fit.y.hi) != (0.0, float(rows)):
+            self.heat_fit.apply(None, self.heat_fit.y.fixed(0.0, float(rows)))
         if self.colorbar.levels() != (-shown, shown):
             self.colorbar.setLevels((-shown, shown))
-        title = ("change since start" if mode == "delta" else "current values") + f" · {mat.shape[0]}×{mat.shape[1]}"
+            # three short labels (automatic ones like -0.0004 do not fit the bar's narrow axis)
+            half = shown / 2
+            self.colorbar.axis.setTicks([[(-half, short_number(-half)), (0.0, "0"), (half, short_number(half))], []])
+        self._draw_norms(mat)
+        how = "(α/r)·B·A" if self.method == "lora" else "W − W₀"
+        title = (f"change since start = {how}" if mode == "delta" else "current values") + f" · {rows}×{cols}"
         if title != getattr(self, "_heat_title", None):
             self._heat_title = title
             self.heat_plot.setTitle(title, size="8pt")
-        self.info.setText(f"step {snap.step}: {name}  ·  largest change {peak:.3g}" if mode == "delta"
-                          else f"step {snap.step}: {name}  ·  largest value {peak:.3g}")
+        peak = float(np.max(np.abs(mat)))
+        clipped = float(np.mean(np.abs(mat) > shown)) if shown > 0 else 0.0
+        what = "largest change" if mode == "delta" else "largest value"
+        short = name.removeprefix("model.").removesuffix(".weight")
+        self.info.setText(f"step {snap.step}: {short} · {what} {peak:.3g} · scale ±{shown:.2g} "
+                          f"({100 * (1 - clipped):.1f}% of cells inside)")
+        self.info.setToolTip(f"{name}\nThe colour scale is symmetric and set from the {LEVEL_PERCENTILE:.0f}th "
+                             "percentile of |values|, so a few extreme weights do not wash out the rest.")
+
+    def _draw_norms(self, mat: np.ndarray) -> None:
+        """RMS of each column and each row of the shown matrix: where the change concentrates."""
+        col = np.sqrt(np.mean(np.square(mat, dtype=np.float64), axis=0))
+        row = np.sqrt(np.mean(np.square(mat, dtype=np.float64), axis=1))
+        self.col_bars.setOpts(x=np.arange(len(col)) + 0.5, height=col, width=0.9)
+        self.row_bars.setOpts(x0=np.zeros(len(row)), y=np.arange(len(row)) + 0.5, width=row, height=0.9)
+        self.col_fit.fit(y_lo=0.0, y_hi=float(col.max()) if len(col) else 1.0)
+        self.row_fit.fit(x_lo=0.0, x_hi=float(row.max()) if len(row) else 1.0)
 
     def _draw_hist_and_bias(self) -> None:
         snap = self.latest
@@ -412,25 +415,6 @@ class WeightsView(QWidget):
             if len(counts):
                 self.hist_fit.fit(float(edges[0]), float(edges[-1]), 0.0, float(counts.max()))
         self._draw_bias()
-
-    def _draw_bars(self) -> None:
-        snap = self.latest
-        rel = (snap.relative_update or {}) if snap is not None else {}
-        if rel:
-            labels = sorted(rel, key=_layer_key)
-            heights = [float(rel[k]) for k in labels]
-            self.bars.setOpts(x=np.arange(len(labels)), height=heights, width=0.7)
-            self.bar_fit.fix_x(-0.5, len(labels) - 0.5)
-            top = finite_min_max(heights)[1]
-            if top == top:
-                self.bar_fit.fit(y_lo=0.0, y_hi=top)
-            if labels != getattr(self, "_bar_labels", None):
-                self._bar_labels = labels
-                step = max(1, len(labels) // 8)
-                self.bar_plot.getAxis("bottom").setTicks(
-                    [[(i, re.sub(r"\D", "", k) or k) for i, k in enumerate(labels) if i % step == 0]])
-        if self._grad_dirty:
-            self._draw_grad()
 
     def _draw_bias(self) -> None:
         snap = self.latest
@@ -474,6 +458,23 @@ class WeightsView(QWidget):
             self.bias_plot.setTitle(title, size="8pt")
         self.bias_plot.setToolTip("Grey: the pre-trained bias values. Red: the values now. With LoRA the "
                                   "original weights and biases stay frozen; the change lives in the adapters.")
+
+
+def short_number(v: float) -> str:
+    """At most ~5 characters: 0.25, -0.03, 2e-4, -5e-6."""
+    if v == 0 or abs(v) >= 0.01:
+        return f"{v:.2g}"
+    m, e = f"{v:.0e}".split("e")
+    return f"{m}e{int(e)}"
+
+
+def percentile_level(mat: np.ndarray) -> float:
+    """The LEVEL_PERCENTILE of |values| (the largest |value| when that percentile is 0)."""
+    a = np.abs(np.asarray(mat, dtype=np.float32)).ravel()
+    if not a.size:
+        return 0.0
+    p = float(np.percentile(a, LEVEL_PERCENTILE))
+    return p if p > 0 else float(a.max())
 
 
 class _Blocked:

@@ -223,6 +223,10 @@ class TrainWorker(QObject):
     checkpointSaved = Signal(object)   # CheckpointSaved
     paused = Signal(object)            # RunPaused: the loop waits (every step before it is flushed)
     historyReady = Signal(object)      # list[dict]: a resumed run's saved metrics (before runStarted)
+    stepDetail = Signal(object)        # StepDetail: what a step-mode step computed
+    alarm = Signal(object)             # RunAlarm: overfitting or forgetting
+    notice = Signal(str)               # Notice.message: something the person should know
+    changesReady = Signal(object)      # live_model.TensorChanges (latest only)
     detailsReady = Signal(object)      # dict: the run's run.json after the loop ended (before finished)
     runEnded = Signal(object)          # RunFinished | RunStopped | RunFailed
     error = Signal(str)                # an exception the loop did not turn into RunFailed
@@ -238,6 +242,7 @@ class TrainWorker(QObject):
         self._steps: list = []
         self._snapshot = None
         self._phase = None
+        self._changes = None
         self._last_flush = 0.0
         self.ended = None
 
@@ -262,12 +267,15 @@ class TrainWorker(QObject):
     # called on the training thread
     def _on_event(self, e) -> None:
         from ..training import events as ev
+        from .live_model import TensorChanges
         if isinstance(e, ev.StepMetrics):
             self._steps.append(e)
         elif isinstance(e, ev.WeightSnapshot):
             self._snapshot = e
         elif isinstance(e, ev.PhaseEvent):
             self._phase = e
+        elif isinstance(e, TensorChanges):
+            self._changes = e
         else:
             self._flush(force=True)
             if isinstance(e, ev.RunStarted):
@@ -278,6 +286,12 @@ class TrainWorker(QObject):
                 self.checkpointSaved.emit(e)
             elif isinstance(e, ev.RunPaused):
                 self.paused.emit(e)
+            elif isinstance(e, ev.StepDetail):
+                self.stepDetail.emit(e)
+            elif isinstance(e, ev.RunAlarm):
+                self.alarm.emit(e)
+            elif isinstance(e, ev.Notice):
+                self.notice.emit(e.message)
             elif isinstance(e, RunHistory):
                 self.historyReady.emit(e.rows)
             elif isinstance(e, RunDetails):
@@ -296,12 +310,15 @@ class TrainWorker(QObject):
         steps, self._steps = self._steps, []
         snap, self._snapshot = self._snapshot, None
         phase, self._phase = self._phase, None
+        changes, self._changes = self._changes, None
         if steps:
             self.stepsReady.emit(steps)
         if snap is not None:
             self.snapshotReady.emit(snap)
         if phase is not None:
             self.phaseReady.emit(phase)
+        if changes is not None:
+            self.changesReady.emit(changes)
 
 
 @dataclass(frozen=True)
@@ -367,10 +384,32 @@ class GenerateWorker(QObject):
             now = time.monotonic()
             if now - last >= 0.033:
                 last = now
-                self.piece.emit(job.target, text)
-        text = text.strip()
+                self.piece.emit(job.target, clean_reply(text, final=False))
+        text = clean_reply(text)
         self.piece.emit(job.target, text)
         self.replyDone.emit(job.target, text)
+
+
+def _stray(ch: str) -> bool:
+    """A replacement character (a byte that is not a whole character) or a control character
+    (what a lone byte token such as 0x13 decodes to)."""
+    import unicodedata
+    return ch == "\ufffd" or (unicodedata.category(ch) == "Cc" and not ch.isspace())
+
+
+def clean_reply(text: str, final: bool = True) -> str:
+    """A reply as shown: without the stray replacement (or control) characters a small model can
+    produce at the very start or end (a lone byte token that is not a whole character), and
+    without outer whitespace. Those inside the text are kept. final=False: a streamed reply so far
+    (its end may still become a character)."""
+    t = text.lstrip()
+    while t and _stray(t[0]):
+        t = t[1:].lstrip()
+    if final:
+        t = t.rstrip()
+        while t and _stray(t[-1]):
+            t = t[:-1].rstrip()
+    return t
 
 
 def _log_exception() -> None:
