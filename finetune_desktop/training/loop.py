@@ -1,9 +1,10 @@
 """The training loop: the lecture's four phases, step after step, as a plain function with callbacks.
 
     for each step:
-        forward    logits = model.forward(batch, train=True)           (the model's prediction)
-        loss       cross-entropy on the assistant tokens, and its gradient dlogits
-        backward   grads = model.backward(dlogits)                     (backpropagation)
+        forward    model.forward_hidden(batch, train=True)   every layer, up to the final hidden states
+        loss       model.head_loss(...)   output layer + cross-entropy on the assistant tokens, by
+                   chunks of the counted positions, with the gradient at the final hidden states
+        backward   grads = model.backward_hidden(...)       (backpropagation)
         update     clip the gradients, AdamW step on the trainable weights
 
 No Qt here. Everything the outside sees goes through `on_event(event)` with the dataclasses of
@@ -46,6 +47,7 @@ from .memory import available_memory_bytes, estimate_peak_memory
 from .runs import (MetricsWriter, latest_checkpoint, load_checkpoint, now_iso, read_run_json, save_checkpoint,
                    save_run_model, truncate_metrics, update_run_json, write_run_json)
 from .snapshots import SnapshotMaker
+from .watch import DivergenceWatch, TrainingDiverged
 
 
 @dataclass(frozen=True)
@@ -75,47 +77,8 @@ class TrainResult:
     reason: str | None = None
 
 
-class TrainingDiverged(Exception):
-    pass
-
-
-# A run diverges when its loss climbs well above where it started and stays there: the weights
-# are being pushed too far each step and the model is being wrecked (it may still "finish").
-# The watch compares a smoothed training loss with the first step's loss (measured before any
-# update, so it is the pre-trained model's loss on this data).
-DIVERGE_MARGIN = 0.25       # relative rise over the starting loss that counts as "far above" ...
-DIVERGE_MIN_RISE = 1.0      # ... but at least this many nats
-DIVERGE_STEPS = 4           # ... for this many steps in a row
-LOSS_EMA = 0.3              # weight of the newest step in the smoothed loss
-
-
 OVERFIT_EVALS = 3          # validation loss rising this many evaluations in a row while training loss falls
 FORGETTING_RISE = 0.5      # general-dialog loss above its start by this many nats per token
-
-
-@dataclass
-class DivergenceWatch:
-    start: float | None = None     # the first step's loss
-    ema: float | None = None       # smoothed training loss
-    above: int = 0                 # steps in a row with the smoothed loss far above the start
-
-    def limit(self) -> float:
-        return self.start + max(DIVERGE_MIN_RISE, DIVERGE_MARGIN * self.start)
-
-    def update(self, loss: float) -> str | None:
-        """Feed a step's loss; -> why the run diverged, or None."""
-        if self.start is None:
-            self.start = loss
-        self.ema = loss if self.ema is None else (1 - LOSS_EMA) * self.ema + LOSS_EMA * loss
-        self.above = self.above + 1 if self.ema > self.limit() else 0
-        if self.above >= DIVERGE_STEPS:
-            return (f"the training loss climbed from {self.start:.2f} at the start to {self.ema:.2f} and stayed "
-                    f"there for {self.above} steps")
-        return None
-
-    def suspicious(self) -> bool:
-        """The smoothed loss is far above the start right now: not a state to keep as a checkpoint."""
-        return self.start is not None and self.ema is not None and self.ema > self.limit()
 
 
 @dataclass
