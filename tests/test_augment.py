@@ -25,9 +25,9 @@ def faq(n_facts=4, wordings=3) -> list[Conversation]:
     return out
 
 
-def test_auto_rewords_question_answer_data_that_repeats_answers():
+def test_rewording_is_asked_for_never_automatic():
     assert repeated_answer_share(faq()) == 1.0
-    assert wanted("auto", faq()) == 4
+    assert wanted("auto", faq()) == 0  # the embedded model cannot paraphrase
     assert repeated_answer_share(conversations(12)) == 0.0  # a persona: every reply different
     assert wanted("auto", conversations(12)) == 0
     assert wanted(2, conversations(12)) == 2 and wanted(0, faq()) == 0

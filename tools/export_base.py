@@ -3,7 +3,9 @@
     python tools/export_base.py --run tools/_build/pretrain --out tools/_build/base_model_preview [--dtype BF16]
 
 Writes config.json, model.safetensors (F16 or BF16), tokenizer.json, tokenizer_config.json and
-generation_config.json (eos = <|im_end|>) atomically. The shipped folder is
+generation_config.json (eos = <|im_end|>) atomically, and general_eval.jsonl: the first
+GENERAL_EVAL_DIALOGS dialogs of the held-out set (never pretrained on), which the forgetting meter
+scores at every evaluation of a fine-tune. The shipped folder is
 finetune_desktop/resources/base_model/ (the model card README.md there is written separately and
 is kept if it exists). --check loads the result back with Model.from_pretrained and, when
 installed, transformers (logits compared within 1e-4 relative).
@@ -25,6 +27,17 @@ from finetune_desktop.engine import Model, Tokenizer  # noqa: E402
 from finetune_desktop.engine.checkpoint import read_safetensors  # noqa: E402
 
 import pretrain_base as pb  # noqa: E402
+
+
+GENERAL_EVAL_DIALOGS = 40
+GENERAL_EVAL_FILE = "general_eval.jsonl"
+
+
+def general_eval_bytes(corpus_dir: Path = HERE / "corpus") -> bytes:
+    """The forgetting meter's dialogs for the shipped model: held-out lines, copied as they are."""
+    lines = (corpus_dir / pb.HELDOUT_FILE).read_text(encoding="utf-8").splitlines()
+    lines = [ln for ln in lines if ln.strip()][:GENERAL_EVAL_DIALOGS]
+    return ("\n".join(lines) + "\n").encode("utf-8")
 
 
 def load_run_model(run: Path) -> tuple[Model, Tokenizer, dict]:
@@ -50,6 +63,7 @@ def export(run: Path, out: Path, dtype: str = "BF16") -> dict:
         "tokenizer.json": (run / "tokenizer" / "tokenizer.json").read_bytes(),
         "tokenizer_config.json": (run / "tokenizer" / "tokenizer_config.json").read_bytes(),
         "generation_config.json": (json.dumps(gen, indent=2) + "\n").encode("utf-8"),
+        GENERAL_EVAL_FILE: general_eval_bytes(),
     }
     card = out / "README.md"
     if card.exists():
@@ -90,11 +104,19 @@ def check(out: Path) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", required=True, help="pretraining folder (has checkpoint/ and tokenizer/)")
+    ap.add_argument("--run", help="pretraining folder (has checkpoint/ and tokenizer/)")
     ap.add_argument("--out", required=True, help="HF folder to write")
     ap.add_argument("--dtype", default="BF16", choices=["F16", "BF16", "F32"])
     ap.add_argument("--check", action="store_true", help="load back with the engine and transformers")
+    ap.add_argument("--general-eval-only", action="store_true",
+                    help="only (re)write OUT/general_eval.jsonl from the held-out dialogs")
     args = ap.parse_args(argv)
+    if args.general_eval_only:
+        (Path(args.out) / GENERAL_EVAL_FILE).write_bytes(general_eval_bytes())
+        print(f"wrote {Path(args.out) / GENERAL_EVAL_FILE}")
+        return 0
+    if not args.run:
+        ap.error("--run is required (unless --general-eval-only)")
     run = Path(args.run)
     if not (run / "checkpoint" / "state.json").exists():
         print(f"error: {run}: no checkpoint/state.json (not a pretrain_base.py run folder)", file=sys.stderr)

@@ -127,8 +127,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                         "for question/answer data that gives the same answer to several questions, else 0")
     p.add_argument("--reword", type=auto_nonneg_int, metavar="N|auto", default=d.reword_questions,
                    help="new wordings of each training question that the base model writes before training, so "
-                        "facts carry over to questions worded differently; auto: 4 for question/answer data "
-                        "that gives the same answer to several questions (an FAQ), else 0")
+                        "facts carry over to questions worded differently; needs a base model that can "
+                        "paraphrase (an instruction-tuned one, not the embedded model), so auto is 0")
 
 
 def config_from_args(args):

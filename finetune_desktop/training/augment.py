@@ -6,20 +6,24 @@ Question-token dropout (TrainConfig.question_dropout): at every step, each token
 template's role markers) is replaced by a random token with this probability. A model that can
 no longer count on every word of a question being there has to learn what each of its words
 says about the answer, so a question worded differently still points to the right fact.
-Measured on FAQ files of 20 facts in 3 wordings, with unseen rewordings that share some words
-with the training ones: 5 of 20 right without it, 7 of 20 with 0.3 (tools/content_eval.py).
+Measured with tools/content_eval.py on FAQ files of 20 facts in 3 wordings (a driving school,
+unseen rewordings that share some words with the training ones, a base model given extra
+FAQ-style pretraining): 5 of 20 right without it, 7 of 20 with 0.3.
 
-More wordings:
+More wordings (opt-in, TrainConfig.reword_questions / train --reword N):
 
 A fine-tune learns a fact from the wordings it sees. Three wordings of a question teach the
 model those three; a fourth, unseen wording often gets another fact's answer, because a small
 model keys on the exact words. Seeing more wordings of the same question with the same answer
-is what makes it carry the fact over. So, before training on a file of questions and answers
-(an FAQ, a manual, a support log: data where the same answer is given to several questions),
-the base model is asked, for each training question, to "ask this question another way", a
-skill it learned in pretraining from families of paraphrased questions. Each new wording is
-added as another example with the original answer. The new examples are written to the run
-folder (reworded.jsonl), so a person can read exactly what the model made up.
+helps it carry the fact over. So, before training, the base model can be asked, for each
+training question, to "ask this question another way", and each new wording is added as
+another example with the original answer. The new examples are written to the run folder
+(reworded.jsonl), so a person can read exactly what the model made up.
+
+This needs a base model that can paraphrase (an instruction-tuned model such as a
+Qwen2.5-Instruct). The embedded 4M-parameter model cannot: asked to reword, it mostly writes an
+unrelated question, and training on those would tie answers to the wrong questions. So "auto"
+never rewords; a person who brings a capable model asks for it with a count.
 
 What is kept: a new wording that differs from every question in the file, is one line of
 reasonable length, and was not also produced for a question with a different answer. Nothing
@@ -37,8 +41,7 @@ from .quiz import normalize
 
 REWORD_PROMPT_EN = "Ask this question another way: "
 REWORD_PROMPT_KO = "이 질문을 다른 말로 물어봐 줘: "
-PER_QUESTION = 4          # new wordings asked for per training question (with "auto")
-REPEATED_ANSWERS = 1 / 3  # "auto" rewords when at least this share of examples repeat another's answer
+REPEATED_ANSWERS = 1 / 3  # question dropout's "auto" is on when at least this share of examples repeat another's answer
 MAX_TRIES = 3             # samples per wanted wording before giving up
 SETTINGS = GenerationSettings(temperature=0.9, top_p=0.95, repetition_penalty=1.0, max_new_tokens=40)
 
@@ -112,9 +115,10 @@ def repeated_answer_share(conversations) -> float:
 
 
 def wanted(setting, conversations) -> int:
-    """New wordings per question for a TrainConfig.reword_questions setting ("auto" or a count)."""
+    """New wordings per question for a TrainConfig.reword_questions setting ("auto" or a count).
+    "auto" is 0: only a base model that can paraphrase should be asked (see the module's text)."""
     if setting == "auto":
-        return PER_QUESTION if repeated_answer_share(conversations) >= REPEATED_ANSWERS else 0
+        return 0
     return max(0, int(setting or 0))
 
 

@@ -39,8 +39,8 @@ class TrainConfig:
                                              # (training/augment.py); auto: 0.3 for question/answer data that
                                              # repeats answers (an FAQ), else 0
     reword_questions: Union[int, Auto] = "auto"  # new wordings of each training question written by the base
-                                             # model (training/augment.py); auto: 4 for question/answer data
-                                             # that repeats answers (an FAQ), else 0
+                                             # model (training/augment.py); needs a model that can paraphrase,
+                                             # so auto is 0
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
