@@ -72,6 +72,36 @@ def test_loss_chart_loads_saved_rows_and_overlays(qtbot):
     assert not p.chart.overlays
 
 
+def test_epoch_labels_stay_apart_after_the_window_narrows(qtbot):
+    """12 epochs of 8 steps drawn wide, then the chart narrows: the visible labels thin out so
+    that neighbours stay at least EPOCH_LABEL_PX apart on screen (they overlapped before)."""
+    import pyqtgraph as pg
+    from finetune_desktop.gui.loss_chart import EPOCH_LABEL_PX, LossPanel
+    p = LossPanel()
+    qtbot.addWidget(p)
+    p.resize(1400, 400)
+    p.show()
+    rows = [{"step": i, "epoch": i / 8, "train_loss": 2.0 / i, "train_token_accuracy": 0.1, "lr": 1e-3,
+             "grad_norm": 1.0, "tokens_per_s": 10.0} for i in range(1, 97)]
+    p.load_rows(rows)
+    p.redraw()
+
+    def shown_px():
+        vb = p.chart.getPlotItem().vb
+        xs = [vb.mapViewToScene(pg.Point(line.value(), 0)).x() for line in p.chart.epoch_lines
+              if line.label.isVisible()]
+        return xs
+
+    qtbot.wait(20)
+    wide = shown_px()
+    p.resize(520, 400)
+    qtbot.waitUntil(lambda: p.chart.getPlotItem().vb.width() < 500)
+    qtbot.wait(20)
+    narrow = shown_px()
+    assert len(wide) > len(narrow) >= 1
+    assert min(b - a for a, b in zip(narrow, narrow[1:])) >= EPOCH_LABEL_PX - 1, narrow
+
+
 @pytest.fixture(scope="module")
 def snapshots(tmp_path_factory):
     """Real WeightSnapshots: a tiny model with LoRA, a few real AdamW updates."""

@@ -84,6 +84,10 @@ class LossChart(pg.PlotWidget):
         self.cursor.setVisible(False)
         pi.addItem(self.cursor, ignoreBounds=True)
         self.epoch_lines: list[pg.InfiniteLine] = []
+        self._epochs: list[tuple[float, int]] = []  # (step, epoch) of each line
+        self._steps_shown = 0.0
+        pi.vb.sigResized.connect(self.relabel_epochs)
+        pi.vb.sigXRangeChanged.connect(self.relabel_epochs)
         self.overlays: dict[str, pg.PlotDataItem] = {}
 
 
@@ -92,25 +96,38 @@ class LossChart(pg.PlotWidget):
         self.acc_view.linkedViewChanged(self.getPlotItem().vb, self.acc_view.XAxis)
 
     def add_epoch_line(self, step: float, epoch: int, steps_shown: float = 0.0) -> None:
-        """A dotted line at an epoch's end. Its label ("epoch 3") only when labels stay apart:
-        every 1st, 2nd, 5th, 10th, ... epoch, so that labels are at least EPOCH_LABEL_PX apart."""
-        width = max(1.0, float(self.getPlotItem().vb.width()))
-        px_per_epoch = width * (step / max(1, epoch)) / max(1.0, steps_shown or step)
-        every = next((n for n in (1, 2, 5, 10, 20, 50, 100, 200, 500) if n * px_per_epoch >= EPOCH_LABEL_PX), 1000)
+        """A dotted line at an epoch's end, labelled "epoch 3" when labels stay apart (relabel)."""
         # the same anchor for every label (pyqtgraph's default flips it at the view's centre, where two
         # labels then face each other and overlap): always just right of its line
-        label = {"label": f"epoch {epoch}", "labelOpts": {"position": 0.95, "color": (110, 110, 110),
-                                                          "anchors": [(0, 0.5), (0, 0.5)]}} \
-            if epoch % every == 0 else {}
         line = pg.InfiniteLine(pos=step, angle=90, movable=False,
-                               pen=pg.mkPen((150, 150, 150), width=1, style=Qt.PenStyle.DotLine), **label)
+                               pen=pg.mkPen((150, 150, 150), width=1, style=Qt.PenStyle.DotLine),
+                               label=f"epoch {epoch}", labelOpts={"position": 0.95, "color": (110, 110, 110),
+                                                                  "anchors": [(0, 0.5), (0, 0.5)]})
         self.getPlotItem().addItem(line, ignoreBounds=True)
         self.epoch_lines.append(line)
+        self._epochs.append((step, epoch))
+        self._steps_shown = steps_shown
+        self.relabel_epochs()
+
+    def relabel_epochs(self) -> None:
+        """Show the labels of every 1st, 2nd, 5th, 10th, ... epoch, so that they stay at least
+        EPOCH_LABEL_PX apart at the chart's current width and range (again after every resize)."""
+        if not self._epochs:
+            return
+        vb = self.getPlotItem().vb
+        x0, x1 = vb.viewRange()[0]
+        last_step, last_epoch = self._epochs[-1]
+        span = max(x1 - x0, 1e-9) if x1 > x0 else max(1.0, self._steps_shown or last_step)
+        px_per_epoch = float(vb.width()) * (last_step / max(1, last_epoch)) / span
+        every = next((n for n in (1, 2, 5, 10, 20, 50, 100, 200, 500) if n * px_per_epoch >= EPOCH_LABEL_PX), 1000)
+        for line, (_, epoch) in zip(self.epoch_lines, self._epochs):
+            line.label.setVisible(epoch % every == 0)
 
     def clear_epoch_lines(self) -> None:
         for line in self.epoch_lines:
             self.getPlotItem().removeItem(line)
         self.epoch_lines.clear()
+        self._epochs.clear()
 
     def point_count(self) -> int:
         """Number of train-loss points currently drawn (tests and scripts read this)."""
