@@ -106,5 +106,5 @@ def test_question_dropout_replaces_only_context_tokens():
     assert not np.isin(out[changed], list(special)).any()
     again = drop_question_tokens(ids, labels, mask, special, 50, 0.5, np.random.default_rng(0))
     np.testing.assert_array_equal(out, again)
-    assert question_dropout("auto", faq()) == 0.3 and question_dropout("auto", conversations(12)) == 0.0
+    assert question_dropout("auto", faq()) == 0.0 and question_dropout("auto", conversations(12)) == 0.0
     assert question_dropout(0.2, conversations(12)) == 0.2

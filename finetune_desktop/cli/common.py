@@ -123,8 +123,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (data order, LoRA init)")
     p.add_argument("--question-dropout", type=auto_fraction, metavar="X|auto", default=d.question_dropout,
                    help="chance that a word of the context (system message, questions) is replaced by a random "
-                        "token at each step, so the model learns what each word says about the answer; auto: 0.3 "
-                        "for question/answer data that gives the same answer to several questions, else 0")
+                        "token at each step, so the model learns what each word says about the answer; auto: 0 "
+                        "(it did not reliably help on the FAQ samples; try 0.3)")
     p.add_argument("--reword", type=auto_nonneg_int, metavar="N|auto", default=d.reword_questions,
                    help="new wordings of each training question that the base model writes before training, so "
                         "facts carry over to questions worded differently; needs a base model that can "

@@ -36,8 +36,7 @@ class TrainConfig:
                                              # "auto" = the base model's general_eval.jsonl if it ships one
     quiz_file: str | None = None             # a quiz (or training) file scored at each evaluation
     question_dropout: Union[float, Auto] = "auto"  # chance that a context token is replaced at a step
-                                             # (training/augment.py); auto: 0.3 for question/answer data that
-                                             # repeats answers (an FAQ), else 0
+                                             # (training/augment.py); auto: 0 (measured: no reliable gain)
     reword_questions: Union[int, Auto] = "auto"  # new wordings of each training question written by the base
                                              # model (training/augment.py); needs a model that can paraphrase,
                                              # so auto is 0
