@@ -197,7 +197,10 @@ for _ in range(2):
 est = estimate_peak_memory(cfg, m.num_parameters(), int(sum(v.size for v in P.values())), B, T,
                            full={method!r} == "full", available=None)
 from finetune_desktop.training.session import estimate_tokens_per_second
-print(json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child of this (torch-sized)
+# parent would report the parent's peak
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({{"peak_rss_mb": hwm / 1024,
                   "estimate_mb": est.total_bytes / 2**20, "step_s": times[-1],
                   "estimate_tokens_per_s": estimate_tokens_per_second(m, {method!r}),
                   "tokens_per_s": B * T / times[-1]}}))

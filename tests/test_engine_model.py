@@ -626,6 +626,24 @@ def test_an_adapter_step_keeps_the_fused_base_weights_but_refreshes_decoding():
     dw2 = m.decode_weights()
     assert dw2 is not dw1                      # the adapters changed the merged weights
     assert not np.allclose(dw2.layers[0][0], dw1.layers[0][0])
-    m.params[stems[0] + ".weight"][...] *= 1.5
+    q = stems[0] + ".weight"
+    m.params[q][...] *= 1.5                    # an in-place change lands in the stacked weight
     m.weights_changed()
-    assert m._fused(stems)[0] is not W1
+    assert m._fused(stems)[0] is W1 and np.shares_memory(m.params[q], W1)
+    np.testing.assert_array_equal(W1[:m.params[q].shape[0]], m.params[q])
+    m.params[q] = m.params[q] * 2.0            # a new array breaks the link: stacked again
+    m.weights_changed()
+    W2, _ = m._fused(stems)
+    assert W2 is not W1 and np.shares_memory(m.params[q], W2)
+    np.testing.assert_array_equal(W2[:m.params[q].shape[0]], m.params[q])
+
+
+def test_merged_lora_copies_only_for_small_models():
+    """The merged (W + BA) copies double the adapted weights in memory: made for small models
+    with long batches, never for 135M-class ones."""
+    from finetune_desktop.engine.lora import MERGE_MAX_WEIGHTS, merging_pays_off
+    small = [(576, 192, 16), (192, 192, 16), (1024, 192, 16), (192, 512, 16)] * 6    # the embedded model's shapes
+    big = [(960, 576, 16), (576, 576, 16), (3072, 576, 16), (576, 1536, 16)] * 30    # a SmolLM2-135M shape
+    assert sum(o * i for o, i, _ in small) <= MERGE_MAX_WEIGHTS < sum(o * i for o, i, _ in big)
+    assert merging_pays_off(8 * 100, small) and not merging_pays_off(1, small)
+    assert not merging_pays_off(4 * 256, big) and not merging_pays_off(10**6, big)

@@ -110,8 +110,9 @@ class Model:
         self.source: str | None = None
         self.threads = engine_threads()   # batch shards run in parallel (see forward)
         # `version` changes whenever the weights may have: the optimizer's caller, LoRA changes
-        # and checkpoint loads call weights_changed(). Caches of derived weights (fused q/k/v,
-        # decode packing) are keyed on it, so they are exact and never compare values.
+        # and checkpoint loads call weights_changed(). Caches of derived weights (decode packing)
+        # are keyed on it, so they are exact and never compare values. Stacked q/k/v and gate/up
+        # weights are not copies: the parameters are views of them (_fused).
         self.version = 0
         self.base_version = 0   # changes only when the base weights may have (not for an adapter update)
         self._rope_cache: dict = {}
@@ -124,6 +125,16 @@ class Model:
         self.version += 1
         if not adapters_only:
             self.base_version += 1
+            self._drop_stale_fused()
+
+    def _drop_stale_fused(self) -> None:
+        """Forget stacked weights (see _fused) whose parameters were replaced by new arrays, so
+        the old ones can be freed now rather than at the next forward."""
+        p = self.params
+        for stems, (_, _, views) in list(self._fuse_cache.items()):
+            names = [s + ".weight" for s in stems] + [s + ".bias" for s in stems if s + ".bias" in p]
+            if len(names) != len(views) or any(p.get(n) is not v for n, v in zip(names, views)):
+                del self._fuse_cache[stems]
 
     # ------------------------------------------------------------------ construction
     def _check_params(self, source: str = "weights") -> None:
@@ -208,22 +219,37 @@ class Model:
 
     def _fused(self, stems: tuple[str, ...]):
         """Weight (sum out, in) and bias of one or more projections that share an input, so
-        q/k/v and gate/up each run as one larger matmul. With LoRA the base weights are frozen and
-        the fused copy is kept until the base weights change; without LoRA every weight may
-        change in place at any time (full fine-tuning, or a script probing the model), so it is
-        made afresh each time (a copy that costs little next to the matmul it feeds)."""
+        q/k/v and gate/up each run as one larger matmul. The first call stacks the weights into
+        one array and points the parameters at row slices of it (views): the model then holds
+        each weight once, the optimizer's in-place updates land in the stacked array too, and no
+        copy is made per step. Whoever puts a new array into self.params (loading, a script)
+        breaks the link; the next call sees that and stacks again."""
         p = self.params
         if len(stems) == 1:
             return p[stems[0] + ".weight"], p.get(stems[0] + ".bias")
+        names = [s + ".weight" for s in stems] + [s + ".bias" for s in stems if s + ".bias" in p]
         ent = self._fuse_cache.get(stems)
-        if ent is not None and ent[0] == self.base_version and self.lora is not None:
-            return ent[1], ent[2]
+        if ent is not None and len(ent[2]) == len(names) and all(p[n] is v for n, v in zip(names, ent[2])):
+            return ent[0], ent[1]
         W = np.concatenate([p[s + ".weight"] for s in stems], axis=0)
         bs = [p.get(s + ".bias") for s in stems]
         b = np.concatenate(bs) if all(x is not None for x in bs) else None
-        if self.lora is not None:
-            self._fuse_cache[stems] = (self.base_version, W, b)
+        off = 0
+        for s in stems:
+            n = p[s + ".weight"].shape[0]
+            p[s + ".weight"] = W[off:off + n]
+            if b is not None:
+                p[s + ".bias"] = b[off:off + n]
+            off += n
+        self._fuse_cache[stems] = (W, b, tuple(p[n] for n in names))
         return W, b
+
+    def _fuse_all(self) -> None:
+        """Stack every layer's q/k/v and gate/up (see _fused) before the batch shards' threads
+        run, which then only read."""
+        for l in range(self.config.num_hidden_layers):
+            for stems in self._layer_groups(l):
+                self._fused(stems)
 
     def _layer_groups(self, l: int) -> tuple[tuple[str, ...], ...]:
         """The projection groups of layer l that share an input: q/k/v, o, gate/up, down."""
@@ -250,8 +276,6 @@ class Model:
                                    self.params[stems[0] + ".weight"].shape[1], max(ranks)))
         if not groups or not merging_pays_off(n_tokens, shapes):
             return None
-        for stems in groups:  # fill the fused-weight cache first (it is not thread-safe)
-            self._fused(stems)
         sizes = {st: self.params[st + ".weight"].shape[0] for g in groups for st in g}
         merged = lambda i: merged_group_weight(self._fused(groups[i])[0], groups[i], sizes, self.lora,
                                                self.lora_config.scale)
@@ -346,6 +370,7 @@ class Model:
             ids = ids[None]
         if train and rng is None and self.lora is not None and self.lora_config.dropout > 0:
             raise ValueError("LoRA dropout needs a random generator: pass rng=np.random.default_rng(seed)")
+        self._fuse_all()
         eff = self._lora_effective_weights(ids.size, train)
         shards = self.shards(ids.shape[0])
         rows = row_generators(rng, ids.shape[0]) if train else None
