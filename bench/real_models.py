@@ -186,6 +186,8 @@ if {method!r} == "lora":
     m.add_lora(LoraConfig(r=16, alpha=32.0, target_modules=rm.TARGETS), seed=0)
 P = m.trainable_params()
 opt = adamw_init(P)
+# the app also keeps the starting weights of every matrix for its change-since-start view
+w0 = {{k: v.copy() for k, v in m.params.items()}} if {method!r} == "full" else None
 ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T))
 times = []
 for _ in range(2):
@@ -202,7 +204,7 @@ from finetune_desktop.training.session import estimate_tokens_per_second
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({{"peak_rss_mb": hwm / 1024,
                   "estimate_mb": est.total_bytes / 2**20, "step_s": times[-1],
-                  "estimate_tokens_per_s": estimate_tokens_per_second(m, {method!r}),
+                  "estimate_tokens_per_s": estimate_tokens_per_second(m, {method!r}, B),
                   "tokens_per_s": B * T / times[-1]}}))
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)

@@ -1,14 +1,20 @@
 """Peak-memory estimate for a training run, checked before it starts.
 
-The estimate adds up, in bytes (float32 = 4 bytes):
-  weights           all parameters (+ one merged copy when the model is saved; with LoRA one more,
-                    the weights with the adapters folded in for the step)
-  trainable state   trainable params x 3 (gradients, AdamW m and v) + W0 copies for the weights view
+The estimate adds up, in bytes (float32 = 4 bytes), for a training step:
+  weights           all parameters, once (q/k/v and gate/up are stacked in place, not copied);
+                    with LoRA on a small model, one more copy of the adapted weights with the
+                    adapters folded in (engine/lora.merging_pays_off)
+  trainable state   trainable params x 3 (gradients, AdamW m and v) + the starting weights that
+                    the weights view compares with (full fine-tuning)
   activations       what the forward keeps for the backward, for the largest batch (B, T):
-                    per layer about (12 C + 6 I) B T floats + the attention probabilities
-                    B H T T (twice: the probabilities and the backward's temporary)
-  logits            B T V x 3 (logits, the softmax inside the loss, dlogits)
+                    per layer about (12 C + 2 I) B T floats + the attention probabilities B H T T
+  output layer      the final hidden states and their gradient (2 B T C) + two chunks of logits
+                    (the loss is computed a chunk of rows at a time, never for the whole batch)
   runtime           Python + numpy + tokenizers, about 150 MB
+Saving the model at the end makes one merged copy of the weights, after the activations are
+gone; the estimate is the larger of the two moments. Fitted to measured peaks (bench/real_models.py,
+VmHWM): a SmolLM2-135M shape, LoRA 4 x 256: 2.2 GB measured; a Qwen2.5-0.5B shape, LoRA 1 x 512:
+3.5 GB.
 """
 from __future__ import annotations
 
@@ -65,15 +71,25 @@ def estimate_peak_memory(cfg: ModelConfig, num_params: int, trainable_params: in
     C, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     H, L = cfg.num_attention_heads, cfg.num_hidden_layers
     f = 4
-    weights = num_params * f * 2  # the weights + one merged copy while saving
+    weights = num_params * f
     if not full:
-        weights += num_params * f  # LoRA: the step's weights with the adapters folded in (Model._lora_effective_weights)
+        from ..engine.lora import MERGE_MAX_WEIGHTS
+
+        adapted = L * C * (C + 2 * cfg.n_kv_heads * cfg.hd + C + 3 * I)  # q, k, v, o, gate, up, down
+        if adapted <= MERGE_MAX_WEIGHTS:
+            weights += adapted * f  # the step's weights with the adapters folded in
     state = trainable_params * f * 3
     if full:
-        state += num_params * f  # W0 copies for the change-since-start view
-    acts = L * ((12 * C + 6 * I) * B * T + 2 * B * H * T * T) * f
-    logits = 3 * B * T * V * f
-    parts = {"weights": weights, "optimizer": state, "activations": acts, "logits": logits, "runtime": RUNTIME_BYTES}
+        state += num_params * f  # starting weights for the change-since-start view
+    acts = L * ((12 * C + 2 * I) * B * T + B * H * T * T) * f
+    chunk = max(16, min(1024, (8 << 20) // max(V, 1)))
+    head = (2 * B * T * C + 2 * chunk * V) * f
+    step = weights + state + acts + head + RUNTIME_BYTES
+    save = 2 * num_params * f + state + RUNTIME_BYTES
+    parts = {"weights": weights, "optimizer": state, "activations": acts, "output layer": head,
+             "runtime": RUNTIME_BYTES}
+    if save > step:
+        parts["saving"] = save - step
     if available == -1:
         available = available_memory_bytes()
     return MemoryEstimate(total_bytes=int(sum(parts.values())), parts=parts, available_bytes=available)

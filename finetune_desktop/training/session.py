@@ -76,10 +76,26 @@ def load_base_model(spec: str):
     return model, tok, folder
 
 
-def estimate_tokens_per_second(model, method: str) -> float:
-    """A rough training speed for the validation report's time estimate (numpy on a laptop CPU)."""
-    flops_per_token = (6 if method == "full" else 4) * model.num_parameters()
-    return max(50.0, 4e10 / max(1, flops_per_token))
+# The time estimate's speed model, fitted to measured LoRA and full steps on a 2-core laptop
+# CPU (tools: bench/real_models.py): a step costs about 4 N (LoRA: forward and the input
+# gradients through frozen weights) or 6 N (full) operations per token for N parameters, done
+# at THREAD_FLOPS per batch shard thread, less for small models, whose steps are dominated by
+# per-operation overheads rather than big matrix products (SMALL_MODEL_PARAMS).
+# Measured / estimated tokens/s: embedded 4M model ~2,600 / 2,700; 135M LoRA 4x256 194-203 /
+# 194; 135M full 119-147 / 129; 0.5B LoRA 1x512 (one shard) 30 / 27.
+THREAD_FLOPS = 5.5e10
+SMALL_MODEL_PARAMS = 7e6
+
+
+def estimate_tokens_per_second(model, method: str, batch_size: int | None = None) -> float:
+    """A training speed for the time estimates (numpy on a laptop CPU); model: a Model or a
+    ModelConfig. Batch rows run in parallel threads, so a batch of one uses one of them."""
+    from ..engine.runtime import engine_threads
+
+    n = max(1, model.num_parameters())
+    threads = engine_threads() if batch_size is None else max(1, min(batch_size, engine_threads()))
+    rate = THREAD_FLOPS * threads * n / (n + SMALL_MODEL_PARAMS)
+    return rate / ((6 if method == "full" else 4) * n)
 
 
 def _check_file(path, what: str) -> Path:
