@@ -22,7 +22,7 @@ from .checkpoint import (atomic_write_json, load_peft_adapter, load_weights, mak
 from .config import ModelConfig, ModelFormatError
 from .lora import (LoraConfig, init_lora, lora_backward, lora_forward, lora_names, merge_lora,
                    merged_group_weight, merging_pays_off)
-from .parallel import row_generators, row_shards, run_all, sum_into_first
+from .parallel import row_generators, row_shards, run_all, spare_threads, sum_into_first
 from .runtime import engine_threads
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -74,6 +74,12 @@ def init_params(cfg: ModelConfig, seed: int = 0, std: float = 0.02, dtype=np.flo
             s = std / np.sqrt(2 * cfg.num_hidden_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
             out[name] = (rng.standard_normal(shape) * s).astype(dtype)
     return out
+
+
+def head_chunk_rows(vocab_size: int) -> int:
+    """Rows of logits made at a time by head_loss: about 32 MB, but at least 256 rows, because
+    every chunk reads the whole output matrix (545 MB for a 152k vocabulary) from memory."""
+    return max(256, min(1024, (8 << 20) // max(vocab_size, 1)))
 
 
 @dataclass
@@ -376,8 +382,14 @@ class Model:
         rows = row_generators(rng, ids.shape[0]) if train else None
         rngs = [None if rows is None else rows[s] for s in shards]
         masks = [None if attention_mask is None else np.asarray(attention_mask)[s] for s in shards]
-        caches = run_all(lambda i: self._forward_one(ids[shards[i]], masks[i], train, rngs[i], eff), len(shards))
+        with self._spare(shards):
+            caches = run_all(lambda i: self._forward_one(ids[shards[i]], masks[i], train, rngs[i], eff),
+                             len(shards))
         return ids, (shards, caches)
+
+    def _spare(self, shards) -> spare_threads:
+        """Fewer batch rows than threads: the one shard's matrix products use the idle threads."""
+        return spare_threads(self.threads // len(shards) if len(shards) < self.threads else 1)
 
     def head_loss(self, cache, labels, need_grad: bool = True, row_losses: bool = False) -> HeadLoss:
         """The output layer and the cross-entropy (HF semantics: shifted inside, -100 ignored,
@@ -390,7 +402,7 @@ class Model:
         W_out = self._w_out()
         need_dW = need_grad and self.lora is None
         V = self.config.vocab_size
-        chunk = max(16, min(1024, (8 << 20) // max(V, 1)))  # about 32 MB of logits at a time
+        chunk = head_chunk_rows(V)
 
         def one(i):
             h = caches[i][3]
@@ -400,7 +412,8 @@ class Model:
                                         need_dh=need_grad, need_dW=need_dW, chunk_rows=chunk, row_losses=rl)
             return out + (rl[:T] if rl is not None else None,)
 
-        parts = run_all(one, len(shards))
+        with self._spare(shards):
+            parts = run_all(one, len(shards))
         total = sum(x[0] for x in parts)
         counted = sum(x[1] for x in parts)
         dW = None
@@ -481,7 +494,8 @@ class Model:
     def backward_hidden(self, hl: HeadLoss, cache) -> dict[str, np.ndarray]:
         """The backward from the final hidden states' gradient (head_loss) down to the embeddings."""
         shards, caches = cache
-        parts = run_all(lambda i: self._backward_one(hl.dh[i], caches[i]), len(shards))
+        with self._spare(shards):
+            parts = run_all(lambda i: self._backward_one(hl.dh[i], caches[i]), len(shards))
         grads = sum_into_first(parts)  # every array in parts[0] is fresh from this backward
         if hl.dW_out is not None:
             if self.config.tie_word_embeddings:

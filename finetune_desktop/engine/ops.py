@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .parallel import matmul
+
 IGNORE_INDEX = -100
 
 
@@ -52,10 +54,7 @@ def linear_forward(x, W, b=None, out=None):
     """x (..., in), W (out, in) [HF layout], b (out,) or None -> y (..., out).
     `out`, a C-contiguous array of y's shape, receives the result (no new allocation)."""
     x2 = x.reshape(-1, x.shape[-1])
-    if out is None:
-        y = x2 @ W.T
-    else:
-        y = np.matmul(x2, W.T, out=out.reshape(-1, W.shape[0]))
+    y = matmul(x2, W.T, out=None if out is None else out.reshape(-1, W.shape[0]))
     if b is not None:
         y += b
     return y.reshape(*x.shape[:-1], W.shape[0]), (x, W, b is not None)
@@ -67,8 +66,8 @@ def linear_backward(dy, cache, need_dW=True, need_dx=True):
     With need_dW=False (a frozen weight) no full-size weight gradient is computed."""
     x, W, has_b = cache
     dy2 = dy.reshape(-1, dy.shape[-1])
-    dx = (dy2 @ W).reshape(x.shape) if need_dx else None
-    dW = dy2.T @ x.reshape(-1, x.shape[-1]) if need_dW else None
+    dx = matmul(dy2, W).reshape(x.shape) if need_dx else None
+    dW = matmul(dy2.T, x.reshape(-1, x.shape[-1])) if need_dW else None
     db = dy2.sum(axis=0) if (has_b and need_dW) else None
     return dx, dW, db
 
@@ -284,7 +283,7 @@ def head_xent_forward(h, W, targets, denom: int, need_dh: bool = True, need_dW: 
         rows = idx[a:a + chunk_rows]
         tv = targets[rows]
         hr = h[rows]  # (R, C)
-        lg = hr @ W.T  # (R, V)
+        lg = matmul(hr, W.T)  # (R, V)
         correct += int((lg.argmax(axis=-1) == tv).sum())
         lg -= lg.max(axis=-1, keepdims=True)
         r = np.arange(len(rows))
@@ -300,9 +299,9 @@ def head_xent_forward(h, W, targets, denom: int, need_dh: bool = True, need_dW: 
             lg[r, tv] -= 1.0
             lg *= inv
             if need_dh:
-                dh[rows] = lg @ W
+                dh[rows] = matmul(lg, W)
             if need_dW:
-                dW += lg.T @ hr
+                dW += matmul(lg.T, hr)
     return total, len(idx), correct, dh, dW
 
 

@@ -66,3 +66,43 @@ def sum_into_first(parts: Sequence[dict]) -> dict:
 
     run_all(add_into, n)
     return acc
+
+
+# ----------------------------------------------------------------------------- one row, several threads
+# A batch of fewer rows than threads (one long sequence, as a 0.5B model's batch of 1 x 512 often
+# is) would leave threads idle. Inside `spare_threads(k)` the big matrix products of the calling
+# thread split their rows (tokens) into k blocks that run in parallel, each on single-threaded
+# BLAS: the same result, computed by k cores. Elementwise work and attention stay on one thread.
+_local = threading.local()
+MIN_SPLIT_ROWS = 16        # fewer rows per block than this: not worth a thread hand-off
+
+
+class spare_threads:
+    """Context manager: matmul() in this thread splits over k threads (k <= 1: no split)."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def __enter__(self):
+        self.prev = getattr(_local, "k", 1)
+        # never from one of the pool's own threads: it would wait on the pool it is part of
+        _local.k = 1 if threading.current_thread().name.startswith("engine") else self.k
+        return self
+
+    def __exit__(self, *exc):
+        _local.k = self.prev
+        return False
+
+
+def matmul(a, b, out=None):
+    """a (M, K) @ b (K, N), split by rows of a over the spare threads when there are any."""
+    k = getattr(_local, "k", 1)
+    M = a.shape[0]
+    if k <= 1 or M < 2 * MIN_SPLIT_ROWS or a.ndim != 2:
+        return np.matmul(a, b, out=out)
+    k = min(k, M // MIN_SPLIT_ROWS)
+    if out is None:
+        out = np.empty((M, b.shape[1]), np.result_type(a, b))
+    bounds = np.linspace(0, M, k + 1).astype(int)
+    run_all(lambda i: np.matmul(a[bounds[i]:bounds[i + 1]], b, out=out[bounds[i]:bounds[i + 1]]), k)
+    return out

@@ -82,7 +82,9 @@ def estimate_peak_memory(cfg: ModelConfig, num_params: int, trainable_params: in
     if full:
         state += num_params * f  # starting weights for the change-since-start view
     acts = L * ((12 * C + 2 * I) * B * T + B * H * T * T) * f
-    chunk = max(16, min(1024, (8 << 20) // max(V, 1)))
+    from ..engine.model import head_chunk_rows
+
+    chunk = head_chunk_rows(V)
     head = (2 * B * T * C + 2 * chunk * V) * f
     step = weights + state + acts + head + RUNTIME_BYTES
     save = 2 * num_params * f + state + RUNTIME_BYTES
