@@ -647,3 +647,40 @@ def test_merged_lora_copies_only_for_small_models():
     assert sum(o * i for o, i, _ in small) <= MERGE_MAX_WEIGHTS < sum(o * i for o, i, _ in big)
     assert merging_pays_off(8 * 100, small) and not merging_pays_off(1, small)
     assert not merging_pays_off(4 * 256, big) and not merging_pays_off(10**6, big)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(lora):
+    """Checkpointed layers run their forward again in the backward, with the LoRA-dropout draws
+    replayed from the saved random state: loss and every gradient equal the stored-activation path."""
+    def run(ckpt):
+        m = make_model("gqa_bias_tied", dtype=np.float64, seed=5)
+        if lora:
+            m.add_lora(LoraConfig(r=2, alpha=4.0, dropout=0.3), seed=1)
+            _randomise_B(m)
+        m.activation_checkpointing = ckpt
+        ids, labels = batch(m.config.vocab_size)
+        _, cache = m.forward_hidden(ids, train=True, rng=np.random.default_rng(9))
+        rms = m.residual_rms(cache)
+        hl = m.head_loss(cache, labels)
+        return hl.loss, m.backward_hidden(hl, cache), rms
+
+    (l0, g0, r0), (l1, g1, r1) = run(False), run(True)
+    assert l0 == l1 and set(g0) == set(g1)
+    for k in g0:
+        np.testing.assert_allclose(g1[k], g0[k], rtol=1e-12, atol=1e-14, err_msg=k)
+    np.testing.assert_allclose(r1, r0, rtol=1e-9)
+
+
+def test_activation_checkpointing_keeps_a_fraction_of_the_activations():
+    m = make_model("gqa_bias_tied", dtype=np.float32, seed=5, num_hidden_layers=6)
+    ids, _ = batch(m.config.vocab_size, B=4, T=64)
+    kept = {}
+    for ckpt in (False, True):
+        m.activation_checkpointing = ckpt
+        tracemalloc.start()
+        _, cache = m.forward_hidden(ids, train=True)
+        kept[ckpt] = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        del cache
+    assert kept[True] * 3 < kept[False], kept

@@ -231,6 +231,32 @@ def test_memory_estimate_refuses_a_run_that_does_not_fit(folder, tmp_path):
     assert isinstance(events[-1], RunFailed) and not any(isinstance(e, StepMetrics) for e in events)
 
 
+def test_a_run_that_fits_only_with_activation_checkpointing_switches_it_on(folder, tmp_path):
+    """With "auto", a memory limit between the two estimates turns checkpointing on (and says so);
+    the losses are those of the same run without it."""
+    from finetune_desktop.training.events import Notice
+    from finetune_desktop.training.memory import SAFETY, estimate_peak_memory
+
+    cfg = FULL.replace(epochs=1, max_seq_len=256)
+    model, tok, tr, va, hyper = setup(folder, cfg, 12, 4)
+    longest = max(len(e) for e in tr)
+    est = {c: estimate_peak_memory(model.config, model.num_parameters(), model.num_parameters(), hyper.batch_size,
+                                   longest, full=True, available=None, checkpointing=c).total_bytes
+           for c in (False, True)}
+    assert est[True] < est[False]
+    limit = int((est[True] + est[False]) / 2 / SAFETY)
+    events = []
+    res, m = run_loop(folder, tmp_path / "ckpt", cfg, events, options=LoopOptions(memory_limit_bytes=limit))
+    assert res.status == "finished" and m.activation_checkpointing, res.reason
+    assert any(isinstance(e, Notice) and "activation checkpointing" in e.message for e in events)
+    ref, m2 = run_loop(folder, tmp_path / "plain", cfg)
+    assert not m2.activation_checkpointing
+    np.testing.assert_allclose(train_losses(tmp_path / "ckpt"), train_losses(tmp_path / "plain"), rtol=1e-5)
+    off = cfg.replace(activation_checkpointing=False)
+    res3, _ = run_loop(folder, tmp_path / "off", off, options=LoopOptions(memory_limit_bytes=limit))
+    assert res3.status == "failed" and "activation checkpointing" in res3.reason
+
+
 def test_weight_snapshots_are_copies_of_the_change_since_start(folder, tmp_path):
     for cfg in (FULL.replace(epochs=1, snapshot_interval_s=0.0), LORA.replace(epochs=1, snapshot_interval_s=0.0)):
         base = Model.from_pretrained(folder)

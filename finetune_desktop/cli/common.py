@@ -125,6 +125,10 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="chance that a word of the context (system message, questions) is replaced by a random "
                         "token at each step, so the model learns what each word says about the answer; auto: 0 "
                         "(it did not reliably help on the FAQ samples; try 0.3)")
+    p.add_argument("--activation-checkpointing", choices=["on", "off", "auto"], default="auto",
+                   help="keep only each layer's input during the forward and compute the rest again in the "
+                        "backward: a fraction of the memory for about a third more time; auto: on only when the "
+                        "run would not fit in memory otherwise")
     p.add_argument("--reword", type=auto_nonneg_int, metavar="N|auto", default=d.reword_questions,
                    help="new wordings of each training question that the base model writes before training, so "
                         "facts carry over to questions worded differently; needs a base model that can "
@@ -138,7 +142,8 @@ def config_from_args(args):
     base = TrainConfig()
     kw = dict(method=args.method, epochs=args.epochs, batch_size=args.batch_size,
               learning_rate=args.learning_rate, seed=args.seed, max_seq_len=args.max_seq_len,
-              reword_questions=args.reword, question_dropout=args.question_dropout)
+              reword_questions=args.reword, question_dropout=args.question_dropout,
+              activation_checkpointing={"on": True, "off": False}.get(args.activation_checkpointing, "auto"))
     if args.lora_rank != base.lora_rank:
         kw["lora_rank"] = args.lora_rank
         kw["lora_alpha"] = float(base.lora_alpha / base.lora_rank * args.lora_rank)  # keep scale alpha/r

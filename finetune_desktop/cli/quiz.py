@@ -5,7 +5,6 @@ a quiz file (JSONL {"question", "expected": [...], "system"?}: right when the re
 expected string) or a training file (right when the reply reproduces the trained answer)."""
 from __future__ import annotations
 
-import json
 import sys
 
 from ..training.chat import load_chat_model

@@ -7,7 +7,6 @@ error instead of giving silently wrong numbers.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -46,3 +46,20 @@ def loss_backward(lc: LossCache, dtype=np.float32) -> np.ndarray:
             len(lc.shards))
     lc.caches = []
     return out
+
+
+def head_chunk_rows(vocab_size: int) -> int:
+    """Rows of logits made at a time by head_loss: about 32 MB, but at least 256 rows, because
+    every chunk reads the whole output matrix (545 MB for a 152k vocabulary) from memory."""
+    return max(256, min(1024, (8 << 20) // max(vocab_size, 1)))
+
+
+@dataclass
+class HeadLoss:
+    """Model.head_loss's result: the mean loss and counts, and the gradient to go on backward with."""
+    loss: float
+    counted: int                 # positions whose next token counts
+    correct: int                 # of those, how many the model's top guess got right
+    dh: list                     # per shard: gradient of the final hidden states (B, T, C), or None
+    dW_out: np.ndarray | None    # the output layer's gradient (full fine-tuning), else None
+    row_losses: np.ndarray | None = None  # (T,) loss of each counted token of batch row 0, NaN elsewhere

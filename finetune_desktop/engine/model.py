@@ -10,7 +10,6 @@ H query heads, KVH key/value heads, G = H // KVH, hd head dim.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -22,7 +21,9 @@ from .checkpoint import (atomic_write_json, load_peft_adapter, load_weights, mak
 from .config import ModelConfig, ModelFormatError
 from .lora import (LoraConfig, init_lora, lora_backward, lora_forward, lora_names, merge_lora,
                    merged_group_weight, merging_pays_off)
+from .loss import HeadLoss, head_chunk_rows
 from .parallel import row_generators, row_shards, run_all, spare_threads, sum_into_first
+from .recompute import Recompute, rng_from_state, rng_state
 from .runtime import engine_threads
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -76,23 +77,6 @@ def init_params(cfg: ModelConfig, seed: int = 0, std: float = 0.02, dtype=np.flo
     return out
 
 
-def head_chunk_rows(vocab_size: int) -> int:
-    """Rows of logits made at a time by head_loss: about 32 MB, but at least 256 rows, because
-    every chunk reads the whole output matrix (545 MB for a 152k vocabulary) from memory."""
-    return max(256, min(1024, (8 << 20) // max(vocab_size, 1)))
-
-
-@dataclass
-class HeadLoss:
-    """Model.head_loss's result: the mean loss and counts, and the gradient to go on backward with."""
-    loss: float
-    counted: int                 # positions whose next token counts
-    correct: int                 # of those, how many the model's top guess got right
-    dh: list                     # per shard: gradient of the final hidden states (B, T, C), or None
-    dW_out: np.ndarray | None    # the output layer's gradient (full fine-tuning), else None
-    row_losses: np.ndarray | None = None  # (T,) loss of each counted token of batch row 0, NaN elsewhere
-
-
 def _check_finite(params: dict[str, np.ndarray], source) -> None:
     """Refuse weights with NaN or infinite values (a damaged or badly converted file): they would
     load fine and then make every reply empty and every loss NaN."""
@@ -115,6 +99,9 @@ class Model:
         self.lora_config: LoraConfig | None = None
         self.source: str | None = None
         self.threads = engine_threads()   # batch shards run in parallel (see forward)
+        # keep only each layer's input in training and run its forward again in the backward: about
+        # a third more compute for a fraction of the activation memory (training.memory)
+        self.activation_checkpointing = False
         # `version` changes whenever the weights may have: the optimizer's caller, LoRA changes
         # and checkpoint loads call weights_changed(). Caches of derived weights (decode packing)
         # are keyed on it, so they are exact and never compare values. Stacked q/k/v and gate/up
@@ -426,47 +413,71 @@ class Model:
                         parts[0][5])
 
     def _forward_one(self, ids, attention_mask, train: bool, rng, eff):
-        """One shard's layers and final norm -> the backward's cache (the final hidden states in it)."""
+        """One shard's layers and final norm -> the backward's cache (the final hidden states in it).
+        With activation_checkpointing, a layer keeps only its input (and the random state its LoRA
+        dropout starts from); the backward runs its forward again just before it needs it."""
         cfg = self.config
         p = self.params
         B, T = ids.shape
         if ids.size and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
             raise ValueError(f"token id out of range [0, {cfg.vocab_size})")
         KVH, hd, H = cfg.n_kv_heads, cfg.hd, cfg.num_attention_heads
-        G = H // KVH
         cos, sin = self._rope(np.arange(T))
         mask_bias = ops.attention_mask_bias(T, T, self.dtype, key_mask=attention_mask, window=cfg.sliding_window)
+        ctx = (cos, sin, mask_bias, train, eff)
 
         x, c_emb = ops.embedding_forward(ids, p["model.embed_tokens.weight"])  # (B, T, C)
         layer_caches = []
         for l in range(cfg.num_hidden_layers):
-            pre = f"model.layers.{l}."
-            # --- attention block
-            h, c_ln1 = ops.rmsnorm_forward(x, p[pre + "input_layernorm.weight"], cfg.rms_norm_eps)
-            g_qkv, g_o, g_gu, g_d = self._layer_groups(l)
-            qkv, c_qkv = self._proj_forward(g_qkv, h, train, rng, eff)  # (B, T, (H+2KVH)*hd)
-            nq, nkv = H * hd, KVH * hd
-            q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
-            q = q.reshape(B, T, KVH, G, hd).transpose(0, 2, 3, 1, 4)  # (B, KVH, G, T, hd)
-            k = k.reshape(B, T, KVH, hd).transpose(0, 2, 1, 3)  # (B, KVH, T, hd)
-            v = v.reshape(B, T, KVH, hd).transpose(0, 2, 1, 3)
-            q, c_rq = ops.rope_forward(q, cos, sin)
-            k, c_rk = ops.rope_forward(k, cos, sin)
-            a, c_att = ops.attention_forward(q, k, np.ascontiguousarray(v), mask_bias)  # (B, KVH, G, T, hd)
-            a = a.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
-            o, c_o = self._proj_forward(g_o, a, train, rng, eff)  # (B, T, C)
-            x = x + o
-            # --- MLP block
-            h2, c_ln2 = ops.rmsnorm_forward(x, p[pre + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
-            gu, c_gu = self._proj_forward(g_gu, h2, train, rng, eff)  # (B, T, 2I)
-            I = gu.shape[-1] // 2
-            act, c_act = ops.swiglu_forward(gu[..., :I], gu[..., I:])
-            del gu
-            d, c_d = self._proj_forward(g_d, act, train, rng, eff)  # (B, T, C)
-            x = x + d
-            layer_caches.append((c_ln1, c_qkv, c_rq, c_rk, c_att, c_o, c_ln2, c_gu, c_act, c_d))
+            if self.activation_checkpointing:
+                state = None if rng is None else rng_state(rng)
+                layer_caches.append(Recompute(x, state, ctx))
+                x, _ = self._layer_forward(l, x, ctx, rng)
+            else:
+                x, lc = self._layer_forward(l, x, ctx, rng)
+                layer_caches.append(lc)
         hN, c_lnf = ops.rmsnorm_forward(x, p["model.norm.weight"], cfg.rms_norm_eps)  # (B, T, C)
-        return (c_emb, layer_caches, c_lnf, hN, (B, T, KVH, G, hd))
+        return (c_emb, layer_caches, c_lnf, hN, (B, T, KVH, H // KVH, hd))
+
+    def _layer_forward(self, l: int, x, ctx, rng):
+        """Layer l on the residual stream x (B, T, C) -> (x after the layer, the layer's cache)."""
+        cfg, p = self.config, self.params
+        cos, sin, mask_bias, train, eff = ctx
+        B, T, _ = x.shape
+        KVH, hd, H = cfg.n_kv_heads, cfg.hd, cfg.num_attention_heads
+        G = H // KVH
+        pre = f"model.layers.{l}."
+        # --- attention block
+        h, c_ln1 = ops.rmsnorm_forward(x, p[pre + "input_layernorm.weight"], cfg.rms_norm_eps)
+        g_qkv, g_o, g_gu, g_d = self._layer_groups(l)
+        qkv, c_qkv = self._proj_forward(g_qkv, h, train, rng, eff)  # (B, T, (H+2KVH)*hd)
+        nq, nkv = H * hd, KVH * hd
+        q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
+        q = q.reshape(B, T, KVH, G, hd).transpose(0, 2, 3, 1, 4)  # (B, KVH, G, T, hd)
+        k = k.reshape(B, T, KVH, hd).transpose(0, 2, 1, 3)  # (B, KVH, T, hd)
+        v = v.reshape(B, T, KVH, hd).transpose(0, 2, 1, 3)
+        q, c_rq = ops.rope_forward(q, cos, sin)
+        k, c_rk = ops.rope_forward(k, cos, sin)
+        a, c_att = ops.attention_forward(q, k, np.ascontiguousarray(v), mask_bias)  # (B, KVH, G, T, hd)
+        a = a.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
+        o, c_o = self._proj_forward(g_o, a, train, rng, eff)  # (B, T, C)
+        x = x + o
+        # --- MLP block
+        h2, c_ln2 = ops.rmsnorm_forward(x, p[pre + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+        gu, c_gu = self._proj_forward(g_gu, h2, train, rng, eff)  # (B, T, 2I)
+        I = gu.shape[-1] // 2
+        act, c_act = ops.swiglu_forward(gu[..., :I], gu[..., I:])
+        del gu
+        d, c_d = self._proj_forward(g_d, act, train, rng, eff)  # (B, T, C)
+        x = x + d
+        return x, (c_ln1, c_qkv, c_rq, c_rk, c_att, c_o, c_ln2, c_gu, c_act, c_d)
+
+    def _layer_cache(self, l: int, lc):
+        """A layer's backward cache: as stored, or, for a checkpointed layer, made again by running
+        its forward from the saved input with the saved random state (the same numbers)."""
+        if not isinstance(lc, Recompute):
+            return lc
+        return self._layer_forward(l, lc.x, lc.ctx, rng_from_state(lc.rng_state))[1]
 
     # ------------------------------------------------------------------ backward
     def backward(self, dlogits, cache) -> dict[str, np.ndarray]:
@@ -516,7 +527,7 @@ class Model:
             grads["model.norm.weight"] = dnorm
         for l in reversed(range(cfg.num_hidden_layers)):
             pre = f"model.layers.{l}."
-            (c_ln1, c_qkv, c_rq, c_rk, c_att, c_o, c_ln2, c_gu, c_act, c_d) = layer_caches[l]
+            (c_ln1, c_qkv, c_rq, c_rk, c_att, c_o, c_ln2, c_gu, c_act, c_d) = self._layer_cache(l, layer_caches[l])
             # --- MLP block
             dact = self._proj_backward(dx, c_d, grads)
             dg, du = ops.swiglu_backward(dact, c_act)
@@ -560,7 +571,11 @@ class Model:
         for l in range(self.config.num_hidden_layers + 1):
             parts = []
             for c_emb, layer_caches, c_lnf, _, _ in caches:
-                xhat, _, rstd = layer_caches[l][0] if l < self.config.num_hidden_layers else c_lnf
+                lc = layer_caches[l] if l < self.config.num_hidden_layers else None
+                if isinstance(lc, Recompute):
+                    parts.append(lc.x)
+                    continue
+                xhat, _, rstd = lc[0] if lc is not None else c_lnf
                 parts.append(xhat / rstd)
             out.append(np.concatenate(parts, axis=0))
         return out
@@ -574,7 +589,12 @@ class Model:
         for l in range(self.config.num_hidden_layers + 1):
             total, count = 0.0, 0
             for s, (_, layer_caches, c_lnf, _, _) in zip(shards, caches):
-                rstd = (layer_caches[l][0] if l < self.config.num_hidden_layers else c_lnf)[2][..., 0]  # (B, T)
+                lc = layer_caches[l] if l < self.config.num_hidden_layers else None
+                if isinstance(lc, Recompute):  # a checkpointed layer kept its input itself
+                    rstd = 1.0 / np.sqrt(np.mean(np.square(lc.x, dtype=np.float64), axis=-1)
+                                         + self.config.rms_norm_eps)
+                else:
+                    rstd = (lc[0] if lc is not None else c_lnf)[2][..., 0]  # (B, T)
                 rms = 1.0 / rstd
                 if attention_mask is not None:
                     m = np.asarray(attention_mask)[s] > 0

@@ -8,7 +8,6 @@ import sys
 import threading
 import time
 from datetime import datetime
-from pathlib import Path
 from typing import Iterable, Sequence
 
 from .config import ModelFormatError
@@ -175,8 +174,6 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, folder) -> "Tokenizer":
         from tokenizers import Tokenizer as HFTokenizer
-
-        from .checkpoint import model_folder
 
         from .checkpoint import check_file, model_folder, read_json
 

@@ -37,6 +37,8 @@ class TrainConfig:
     quiz_file: str | None = None             # a quiz (or training) file scored at each evaluation
     question_dropout: Union[float, Auto] = "auto"  # chance that a context token is replaced at a step
                                              # (training/augment.py); auto: 0 (measured: no reliable gain)
+    activation_checkpointing: Union[bool, Auto] = "auto"  # keep only each layer's input and recompute the
+                                             # rest in the backward; auto: only when the run would not fit otherwise
     reword_questions: Union[int, Auto] = "auto"  # new wordings of each training question written by the base
                                              # model (training/augment.py); needs a model that can paraphrase,
                                              # so auto is 0

@@ -41,7 +41,7 @@ from ..engine.optim import AdamWConfig, adamw_init, adamw_step, clip_grads, lr_a
 from .auto import Hyperparameters
 from .config import TrainConfig
 from .control import TrainControl
-from .events import (CheckpointSaved, EvalMetrics, PhaseEvent, PhaseTimes, RunAlarm, RunFailed, RunFinished,
+from .events import (CheckpointSaved, EvalMetrics, Notice, PhaseEvent, PhaseTimes, RunAlarm, RunFailed, RunFinished,
                      RunPaused, RunStarted, RunStopped, StepDetail, StepMetrics)
 from .memory import available_memory_bytes, estimate_peak_memory
 from .runs import (MetricsWriter, latest_checkpoint, load_checkpoint, now_iso, read_run_json, save_checkpoint,
@@ -331,7 +331,6 @@ def _answers_learned(run: _Run, st: RunState) -> bool:
                        "recall_total": sc.total, "elapsed_s": run.elapsed(st)})
     if sc.fraction < RECALL_TARGET:
         return False
-    from .events import Notice
 
     run.emit(Notice(f"the model now gives {sc.correct} of {sc.total} training answers word for word, so training "
                     f"stops here, at epoch {st.step // run.steps_per_epoch} of up to "
@@ -568,21 +567,35 @@ def _fail(run: _Run, st: RunState, reason: str, kind: str = "error", lr: float |
 
 
 def _memory_problem(run: _Run) -> str | None:
-    """Why this run would not fit in memory, or None."""
+    """Why this run would not fit in memory, or None. With activation checkpointing on "auto",
+    it is switched on when that makes a run fit that otherwise would not (and said so)."""
     opts = run.options
+    model = run.model
+    setting = run.config.activation_checkpointing
+    model.activation_checkpointing = setting is True
     if not opts.check_memory:
         return None
     longest = max((len(e) for e in run.train_examples), default=1)
     avail = available_memory_bytes()
     if opts.memory_limit_bytes:
         avail = min(avail, opts.memory_limit_bytes) if avail else opts.memory_limit_bytes
-    model = run.model
-    est = estimate_peak_memory(model.config, model.num_parameters(), int(sum(v.size for v in run.params.values())),
-                               run.hyper.batch_size, longest, full=model.lora is None, available=avail)
+
+    def estimate(ckpt: bool):
+        return estimate_peak_memory(model.config, model.num_parameters(), int(sum(v.size for v in run.params.values())),
+                                    run.hyper.batch_size, longest, full=model.lora is None, available=avail,
+                                    checkpointing=ckpt)
+
+    est = estimate(model.activation_checkpointing)
+    if not est.fits and setting == "auto" and estimate(True).fits:
+        model.activation_checkpointing = True
+        run.emit(Notice("activation checkpointing is on: the run fits in memory only if each layer's activations "
+                        "are computed again in the backward (about a third more time per step)"))
+        return None
     if est.fits:
         return None
+    hint = "" if model.activation_checkpointing else " or activation checkpointing,"
     return (f"This run would not fit in memory: {est.explain()}. Use a smaller batch size or a shorter "
-            "maximum length, or LoRA instead of full fine-tuning.")
+            f"maximum length,{hint} or LoRA instead of full fine-tuning.")
 
 
 # ----------------------------------------------------------------------------- the entry point

@@ -7,7 +7,8 @@ The estimate adds up, in bytes (float32 = 4 bytes), for a training step:
   trainable state   trainable params x 3 (gradients, AdamW m and v) + the starting weights that
                     the weights view compares with (full fine-tuning)
   activations       what the forward keeps for the backward, for the largest batch (B, T):
-                    per layer about (12 C + 2 I) B T floats + the attention probabilities B H T T
+                    per layer about (12 C + 2 I) B T floats + the attention probabilities B H T T;
+                    with activation checkpointing, each layer's input (B T C) + one layer's worth
   output layer      the final hidden states and their gradient (2 B T C) + two chunks of logits
                     (the loss is computed a chunk of rows at a time, never for the whole batch)
   runtime           Python + numpy + tokenizers, about 150 MB
@@ -66,7 +67,8 @@ def available_memory_bytes() -> int | None:
 
 
 def estimate_peak_memory(cfg: ModelConfig, num_params: int, trainable_params: int, batch_size: int,
-                         seq_len: int, full: bool, available: int | None = -1) -> MemoryEstimate:
+                         seq_len: int, full: bool, available: int | None = -1,
+                         checkpointing: bool = False) -> MemoryEstimate:
     B, T = max(1, batch_size), max(1, seq_len)
     C, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     H, L = cfg.num_attention_heads, cfg.num_hidden_layers
@@ -81,8 +83,9 @@ def estimate_peak_memory(cfg: ModelConfig, num_params: int, trainable_params: in
     state = trainable_params * f * 3
     if full:
         state += num_params * f  # starting weights for the change-since-start view
-    acts = L * ((12 * C + 2 * I) * B * T + B * H * T * T) * f
-    from ..engine.model import head_chunk_rows
+    layer = ((12 * C + 2 * I) * B * T + B * H * T * T) * f
+    acts = (L * B * T * C * f + layer) if checkpointing else L * layer  # checkpointing: layer inputs + one layer
+    from ..engine.loss import head_chunk_rows
 
     chunk = head_chunk_rows(V)
     head = (2 * B * T * C + 2 * chunk * V) * f

@@ -252,6 +252,8 @@ def check_config(config: TrainConfig) -> None:
     lr = config.learning_rate
     if lr != "auto" and (not isinstance(lr, (int, float)) or not lr > 0):
         problems.append(f"learning_rate must be positive or 'auto', not {lr!r}")
+    if config.activation_checkpointing not in (True, False, "auto"):
+        problems.append(f"activation_checkpointing must be true, false or 'auto', not {config.activation_checkpointing!r}")
     qd = config.question_dropout
     if qd != "auto" and (not isinstance(qd, (int, float)) or not 0.0 <= qd < 1.0):
         problems.append(f"question_dropout must be in [0, 1) or 'auto', not {qd!r}")
