@@ -14,7 +14,8 @@ For each shape it reports:
     measured here on the same threads (numpy's BLAS, 1024^3);
   - greedy decoding, 128 new tokens after a 32-token prompt: tokens/s ours and transformers,
     and whether the tokens are the same;
-  - peak resident memory of a LoRA step (and, for smollm135, of a full fine-tuning step) in a
+  - peak resident memory of a LoRA step (and, for smollm135, of a full fine-tuning step, with and
+    without activation checkpointing) in a
     fresh process running only our engine, next to the app's own estimate for that run
     (training.memory.estimate_peak_memory) and the app's time estimate.
 Needs torch, transformers and peft (not needed by CI). Run it on an otherwise idle machine.
@@ -166,7 +167,7 @@ def bench_shape(shape: str, steps: int, peak: float) -> dict:
     return out
 
 
-def child_memory(shape: str, method: str) -> dict:
+def child_memory(shape: str, method: str, checkpointing: bool = False) -> dict:
     """In a fresh process (only our engine): peak RSS of two training steps, and the app's estimates."""
     code = f"""
 import json, resource, sys, time
@@ -184,6 +185,7 @@ B, T = rm.SHAPES[{shape!r}]["batch"]
 m = Model.from_config(cfg, seed=0)
 if {method!r} == "lora":
     m.add_lora(LoraConfig(r=16, alpha=32.0, target_modules=rm.TARGETS), seed=0)
+m.activation_checkpointing = {checkpointing!r}
 P = m.trainable_params()
 opt = adamw_init(P)
 # the app also keeps the starting weights of every matrix for its change-since-start view
@@ -197,7 +199,7 @@ for _ in range(2):
     del g
     times.append(time.perf_counter() - t0)
 est = estimate_peak_memory(cfg, m.num_parameters(), int(sum(v.size for v in P.values())), B, T,
-                           full={method!r} == "full", available=None)
+                           full={method!r} == "full", available=None, checkpointing={checkpointing!r})
 from finetune_desktop.training.session import estimate_tokens_per_second
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child of this (torch-sized)
 # parent would report the parent's peak
@@ -237,6 +239,7 @@ def main(argv=None) -> int:
             r["memory_lora"] = child_memory(shape, "lora")
             if shape == "smollm135":
                 r["memory_full"] = child_memory(shape, "full")
+                r["memory_full-checkpointed"] = child_memory(shape, "full", checkpointing=True)
         results.append(r)
         B, T = r["batch"]
         print(f"\n{shape} ({r['params'] / 1e6:.0f}M parameters), LoRA r16 step at batch {B} x {T}:")
@@ -247,7 +250,7 @@ def main(argv=None) -> int:
         print(f"  greedy decode, 128 tokens after 32: ours {r['decode_tokens_per_s']['ours']:.1f} tokens/s | "
               f"transformers {r['decode_tokens_per_s']['transformers']:.1f} | {r['decode_ratio']:.2f}x | "
               f"same tokens: {r['same_tokens']}")
-        for kind in ("memory_lora", "memory_full"):
+        for kind in ("memory_lora", "memory_full", "memory_full-checkpointed"):
             mem = r.get(kind)
             if mem and "error" not in mem:
                 print(f"  {kind.split('_')[1]} step in a fresh process: peak {mem['peak_rss_mb']:.0f} MB (app's "

@@ -207,3 +207,34 @@ def test_chart_exports_from_the_menu_are_written_on_a_worker(window, qtbot, monk
     assert csv_writes == [False] and png_writes == [False], "a chart export was written on the GUI thread"
     assert len((tmp_path / "loss.csv").read_text(encoding="utf-8").splitlines()) == 21
     assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_model_cache_shares_one_load_between_threads_and_packs_for_decoding(tmp_path):
+    """A preload and a reply asking for the same model at once load it once; the pair comes back
+    with its decoding weights already packed, so the first reply does not pay for that."""
+    import threading
+    import time
+
+    from finetune_desktop.gui.model_cache import ModelCache, load_folder
+    from tinymodel import make_tiny_model_folder
+
+    folder = tmp_path / "m"
+    make_tiny_model_folder(folder)
+    loads = []
+
+    def slow_load(path):
+        loads.append(path)
+        time.sleep(0.3)  # long enough for the second thread to arrive while the first loads
+        return load_folder(path)
+
+    cache = ModelCache(loaders={"slow::": slow_load})
+    spec = f"slow::{folder}"
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(cache.get(spec))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(loads) == 1 and len(got) == 2 and got[0] is got[1]
+    model = got[0][0]
+    assert model._decode_cache is not None and model._decode_cache[0] == model.version

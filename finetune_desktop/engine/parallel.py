@@ -36,7 +36,9 @@ def row_shards(batch: int, threads: int) -> list[slice]:
 def run_all(fn: Callable[[int], T], n: int, threads: int | None = None) -> list[T]:
     """[fn(0), ..., fn(n-1)], on up to `threads` threads (default n), results in index order."""
     t = n if threads is None else min(threads, n)
-    if t <= 1:
+    # inside one of the pool's own threads, work runs serially: waiting on the pool from within
+    # it could leave no thread free to do the work
+    if t <= 1 or threading.current_thread().name.startswith("engine"):
         return [fn(i) for i in range(n)]
     return list(pool(t).map(fn, range(n)))
 

@@ -331,10 +331,19 @@ class ChatPanel(QWidget):
         return self.model_selector.currentData(RUN_ROLE) or ""
 
     def _model_changed(self) -> None:
+        spec = self.current_spec()
+        if spec:  # load it now, so the first reply does not wait for loading (errors show then)
+            start_job(self.pool, self._preload, spec, name="preload")
         self._update_system_placeholder()
         if self.history:
             self.transcript.add("note", f"now talking to: {self.model_selector.currentText()}")
         self._update_send_enabled()
+
+    def _preload(self, spec: str) -> None:
+        try:
+            self.cache.get(spec)
+        except Exception:  # noqa: BLE001 - the reply that needs the model reports the problem
+            pass
 
     def run_system_prompt(self) -> str:
         """The system prompt the selected run was trained with (most common one in its data;

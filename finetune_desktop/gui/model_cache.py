@@ -57,6 +57,7 @@ class ModelCache:
     def __init__(self, max_items: int = 3, loaders: dict[str, Loader] | None = None):
         self._lock = threading.Lock()
         self._items: OrderedDict[str, tuple] = OrderedDict()
+        self._loading: dict[str, threading.Event] = {}   # spec -> set when its load ends
         self._loaders: dict[str, Loader] = {"": load_folder}
         self._loaders.update(loaders or {})
         self.max_items = max_items
@@ -68,22 +69,37 @@ class ModelCache:
         self._loaders[kind] = loader
 
     def get(self, spec: str):
+        """The (Model, Tokenizer) of spec, loaded on first use. Two threads asking for the same
+        spec at once (a preload and a reply) share one load."""
         with self._lock:
             hit = self._items.get(spec)
             if hit is not None:
                 self._items.move_to_end(spec)
                 return hit
-        kind = spec_kind(spec)
-        loader = self._loaders.get(kind)
-        if loader is None:
-            raise ValueError(f"unknown model spec {spec!r}")
-        pair = loader(*spec_paths(spec))       # slow: outside the lock
-        with self._lock:
-            self._items[spec] = pair
-            self._items.move_to_end(spec)
-            while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
-        return pair
+            done = self._loading.get(spec)
+            if done is None:
+                self._loading[spec] = threading.Event()
+        if done is not None:  # another thread is loading it: wait, then look again (or load, if it failed)
+            done.wait()
+            return self.get(spec)
+        try:
+            kind = spec_kind(spec)
+            loader = self._loaders.get(kind)
+            if loader is None:
+                raise ValueError(f"unknown model spec {spec!r}")
+            pair = loader(*spec_paths(spec))       # slow: outside the lock
+            # pack the decoding weights now, on this (worker) thread, so the first reply does not
+            # wait for it: over a second on a 135M model, a few ms on the built-in one
+            pair[0].decode_weights()
+            with self._lock:
+                self._items[spec] = pair
+                self._items.move_to_end(spec)
+                while len(self._items) > self.max_items:
+                    self._items.popitem(last=False)
+            return pair
+        finally:
+            with self._lock:
+                self._loading.pop(spec).set()
 
     def drop(self, path: str) -> list[str]:
         """Forget every pair loaded from `path` or from anything inside it (a run folder, a model
