@@ -206,7 +206,7 @@ from finetune_desktop.training.session import estimate_tokens_per_second
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({{"peak_rss_mb": hwm / 1024,
                   "estimate_mb": est.total_bytes / 2**20, "step_s": times[-1],
-                  "estimate_tokens_per_s": estimate_tokens_per_second(m, {method!r}, B),
+                  "estimate_tokens_per_s": estimate_tokens_per_second(m, {method!r}),
                   "tokens_per_s": B * T / times[-1]}}))
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)

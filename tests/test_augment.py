@@ -108,3 +108,17 @@ def test_question_dropout_replaces_only_context_tokens():
     np.testing.assert_array_equal(out, again)
     assert question_dropout("auto", faq()) == 0.0 and question_dropout("auto", conversations(12)) == 0.0
     assert question_dropout(0.2, conversations(12)) == 0.2
+
+
+def test_the_samples_are_told_apart_facts_from_style():
+    """The automatic epochs rule trains an FAQ longer than a persona: the shipped samples."""
+    from pathlib import Path
+
+    from finetune_desktop.data import read_conversations
+    from finetune_desktop.training.augment import answers_repeat
+
+    root = Path(__file__).resolve().parents[1] / "sample_data"
+    assert answers_repeat(read_conversations(root / "faq_bike_shop.jsonl"))
+    assert answers_repeat(read_conversations(root / "faq_gimbap_cafe_ko.jsonl"))
+    assert not answers_repeat(read_conversations(root / "pirate_captain.jsonl"))
+    assert not answers_repeat(read_conversations(root / "gyeongsang_ajumma.jsonl"))

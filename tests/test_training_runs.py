@@ -101,20 +101,24 @@ def test_auto_epochs_rule():
     assert auto.auto_epochs(120) == max(3, -(-auto.MIN_EXAMPLE_PASSES // 120))
     assert auto.auto_epochs(1000) == 3
     assert auto.auto_epochs(20000) == 1
+    # facts (an FAQ) get more passes than a style, within their own caps
+    assert auto.auto_epochs(60, facts=True) == min(auto.FACT_MAX_EPOCHS, -(-auto.FACT_EXAMPLE_PASSES // 60))
+    assert auto.auto_epochs(60, facts=True) > auto.auto_epochs(60) >= 3
+    assert auto.auto_epochs(140) == 3                      # a persona of 140 examples: the default
+    assert auto.auto_epochs(10, facts=True) == auto.FACT_MAX_EPOCHS
     # extra passes for small sets only while the run stays short
-    budget = auto.SMALL_SET_TOKEN_BUDGET
-    wanted = -(-auto.MIN_EXAMPLE_PASSES // 100)
-    assert auto.auto_epochs(100, tokens_per_epoch=budget // 4) == min(wanted, 4)
-    assert auto.auto_epochs(100, tokens_per_epoch=budget // 2) == 3  # never fewer than the default
-    assert auto.auto_epochs(100, tokens_per_epoch=budget) == 3
-    assert auto.auto_epochs(10, tokens_per_epoch=1_000) == auto.MAX_EPOCHS
-    assert auto.auto_epochs(10, tokens_per_epoch=6_000) == auto.SMALL_SET_TOKEN_BUDGET // 6_000
-    assert auto.resolve(TrainConfig(), 100, 80, train_tokens=budget).epochs == 3
+    for facts, budget in ((False, auto.SMALL_SET_TOKEN_BUDGET), (True, auto.FACT_TOKEN_BUDGET)):
+        wanted = auto.auto_epochs(60, facts=facts)
+        assert auto.auto_epochs(60, tokens_per_epoch=budget // 4, facts=facts) == min(wanted, 4)
+        assert auto.auto_epochs(60, tokens_per_epoch=budget // 2, facts=facts) == 3  # never fewer than 3
+        assert auto.auto_epochs(60, tokens_per_epoch=budget, facts=facts) == 3
+    assert auto.resolve(TrainConfig(), 100, 80, train_tokens=auto.SMALL_SET_TOKEN_BUDGET).epochs == 3
+    assert auto.resolve(TrainConfig(), 60, 80, train_tokens=5_000, facts=True).epochs == \
+        auto.auto_epochs(60, 5_000, facts=True) > auto.resolve(TrainConfig(), 60, 80, train_tokens=5_000).epochs
     for n in (1, 5, 50, 130, 500, 5000, 100000):
-        e = auto.auto_epochs(n)
-        assert 1 <= e <= auto.MAX_EPOCHS
-        assert n * e >= min(auto.MIN_EXAMPLE_PASSES, n * auto.MAX_EPOCHS) or e == auto.MAX_EPOCHS
-        assert n * e <= max(auto.MAX_EXAMPLE_PASSES, n)
+        for facts in (False, True):
+            e = auto.auto_epochs(n, facts=facts)
+            assert 1 <= e <= auto.FACT_MAX_EPOCHS
 
 
 def test_auto_batch_size_and_learning_rate():

@@ -86,13 +86,17 @@ class ReportSizes:
     examples: int      # valid examples in the file
     tokens: int        # tokens of all examples (before truncation)
     longest: int       # the longest example in tokens
+    facts: bool = False  # question/answer data whose answers repeat (training.augment.answers_repeat)
 
 
 def report_sizes(report) -> ReportSizes:
     """From the report's statistics (see data/validate.py: examples, total_tokens, length_max)."""
+    from ..training.augment import answers_repeat
+
     st = report.stats
     longest = st.get("length_max") if st.get("length_unit") == "tokens" else None
-    return ReportSizes(int(st.get("examples") or 0), int(st.get("total_tokens") or 0), int(longest or 0))
+    return ReportSizes(int(st.get("examples") or 0), int(st.get("total_tokens") or 0), int(longest or 0),
+                       answers_repeat(report.conversations))
 
 
 def read_file_line(path, line: int, limit: int = 4000) -> str:
@@ -128,7 +132,7 @@ def estimate_run(mcfg: ModelConfig, cfg_kwargs: dict, sizes: ReportSizes, tokens
     n = max(1, sizes.examples)
     n_train = max(1, int(round(n * (1 - tc.val_split)))) if tc.val_split > 0 else n
     longest = max(1, min(sizes.longest or 1, tc.max_seq_len))
-    hp = resolve(tc, n_train, longest)
+    hp = resolve(tc, n_train, longest, train_tokens=int(sizes.tokens * n_train / n) or None, facts=sizes.facts)
     n_params = mcfg.num_parameters()
     trainable = n_params if tc.method == "full" else count_lora_params(mcfg, tc.lora_rank, tc.lora_targets)
     mem = estimate_peak_memory(mcfg, n_params, trainable, hp.batch_size, longest, tc.method == "full")

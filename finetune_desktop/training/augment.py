@@ -116,6 +116,12 @@ def repeated_answer_share(conversations) -> float:
     return sum(counts[normalize(a)] > 1 for _, a in pairs) / len(pairs)
 
 
+def answers_repeat(conversations) -> bool:
+    """Question/answer data that gives the same answer to several questions (an FAQ): it teaches
+    facts rather than a style, and the automatic settings train it longer (training/auto.py)."""
+    return repeated_answer_share(conversations) >= REPEATED_ANSWERS
+
+
 def wanted(setting, conversations) -> int:
     """New wordings per question for a TrainConfig.reword_questions setting ("auto" or a count).
     "auto" is 0: only a base model that can paraphrase should be asked (see the module's text)."""

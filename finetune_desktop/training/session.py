@@ -77,24 +77,24 @@ def load_base_model(spec: str):
 
 
 # The time estimate's speed model, fitted to measured LoRA and full steps on a 2-core laptop
-# CPU (tools: bench/real_models.py): a step costs about 4 N (LoRA: forward and the input
-# gradients through frozen weights) or 6 N (full) operations per token for N parameters, done
-# at THREAD_FLOPS per batch shard thread, less for small models, whose steps are dominated by
-# per-operation overheads rather than big matrix products (SMALL_MODEL_PARAMS).
-# Measured / estimated tokens/s: embedded 4M model ~2,600 / 2,700; 135M LoRA 4x256 194-203 /
-# 194; 135M full 119-147 / 129; 0.5B LoRA 1x512 (one shard) 30 / 27.
+# CPU (bench/real_models.py): a step costs about 4 N (LoRA: forward and the input gradients
+# through frozen weights) or 6 N (full) operations per token for N parameters, done at
+# THREAD_FLOPS per engine thread (a batch of one row uses them all too: its matrix products
+# split), less for small models, whose steps are dominated by per-operation overheads rather than
+# big matrix products (SMALL_MODEL_PARAMS). Measured / estimated tokens/s: embedded 4M model
+# ~2,600 / 2,700; 135M LoRA 4x256 185-217 / 194; 135M full 135-147 / 130; 360M LoRA 2x256
+# 80-84 / 75; 0.5B LoRA 1x512 47 / 54.
 THREAD_FLOPS = 5.5e10
 SMALL_MODEL_PARAMS = 7e6
 
 
-def estimate_tokens_per_second(model, method: str, batch_size: int | None = None) -> float:
+def estimate_tokens_per_second(model, method: str) -> float:
     """A training speed for the time estimates (numpy on a laptop CPU); model: a Model or a
-    ModelConfig. Batch rows run in parallel threads, so a batch of one uses one of them."""
+    ModelConfig."""
     from ..engine.runtime import engine_threads
 
     n = max(1, model.num_parameters())
-    threads = engine_threads() if batch_size is None else max(1, min(batch_size, engine_threads()))
-    rate = THREAD_FLOPS * threads * n / (n + SMALL_MODEL_PARAMS)
+    rate = THREAD_FLOPS * engine_threads() * n / (n + SMALL_MODEL_PARAMS)
     return rate / ((6 if method == "full" else 4) * n)
 
 
@@ -361,9 +361,12 @@ def _start_locked(model, tok, base_dir, data, data_path, run_dir, config, base, 
     pad = tok.pad_token_id
     longest = max(len(e) for e in data.train)
     tokens = int(sum(len(e) for e in data.train))
-    bs_guess = resolve(config, len(data.train), longest, train_tokens=tokens).batch_size
+    from .augment import answers_repeat
+
+    facts = answers_repeat(data.conversations)
+    bs_guess = resolve(config, len(data.train), longest, train_tokens=tokens, facts=facts).batch_size
     spe = _steps_per_epoch(data.train, bs_guess, config.seed, pad)
-    hyper = resolve(config, len(data.train), longest, steps_per_epoch=spe, train_tokens=tokens)
+    hyper = resolve(config, len(data.train), longest, steps_per_epoch=spe, train_tokens=tokens, facts=facts)
     wf = weights_file(base_dir)
     info = {
         "format": 1,
