@@ -12,7 +12,7 @@ from test_training_helpers import conversations, new_run, setup, tiny_model_fold
 from finetune_desktop.training.config import TrainConfig
 from finetune_desktop.training.control import TrainControl
 from finetune_desktop.training.events import EvalMetrics, RunAlarm, StepDetail, StepMetrics
-from finetune_desktop.training.loop import train
+from finetune_desktop.training.loop import LoopOptions, train
 from finetune_desktop.training.runs import load_run_metrics
 
 LORA = TrainConfig(epochs=3, batch_size=4, learning_rate=1e-2, seed=3)
@@ -172,12 +172,13 @@ def test_forgetting_meter_and_alarm(folder, tmp_path):
     general = [Conversation((Message("user", f"Tell me about day {i}."),
                              Message("assistant", "It was a quiet day with sun and a little rain.")), i + 1)
                for i in range(6)]
-    cfg = TrainConfig(method="full", epochs=30, batch_size=4, learning_rate=3e-3, seed=2)
+    cfg = TrainConfig(method="full", epochs=60, batch_size=4, learning_rate=3e-3, seed=2)
     model, tok, tr, va, hyper = setup(folder, cfg)
     gen = encode_conversations(tok, general, 128)
     events = []
+    # a threshold this tiny model's run crosses (the shipped one is for real base models)
     res = train(model, tr, [], cfg, hyper, new_run(tmp_path / "forget"), on_event=events.append,
-                pad_id=tok.pad_token_id, general_examples=gen)
+                pad_id=tok.pad_token_id, general_examples=gen, options=LoopOptions(forgetting_rise=0.2))
     evals = [e for e in events if isinstance(e, EvalMetrics)]
     assert evals[0].step == 0 and evals[0].valid_loss is None and evals[0].general_loss is not None
     assert all(e.general_loss is not None for e in evals)
@@ -185,10 +186,8 @@ def test_forgetting_meter_and_alarm(folder, tmp_path):
     assert [d["step"] for d in m.eval] == [e.step for e in evals] and all("general_loss" in d for d in m.eval)
     alarms = [e for e in events if isinstance(e, RunAlarm)]
     rose = max(e.general_loss for e in evals) - evals[0].general_loss
-    if rose > 0.5:
-        assert [a.kind for a in alarms] == ["forgetting"] and "forgetting" in alarms[0].message
-    else:
-        assert not alarms
+    assert rose > 0.2, rose  # the run is built to forget (60 epochs of full fine-tuning)
+    assert [a.kind for a in alarms] == ["forgetting"] and "forgetting" in alarms[0].message
     assert res.status == "finished"
 
 
