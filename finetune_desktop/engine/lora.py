@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .parallel import matmul
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -174,18 +176,18 @@ def lora_forward(x, A, B, scale, dropout=0.0, rng=None):
         mask = (draws >= dropout).astype(x.dtype) / (1.0 - dropout)
         x2 = x2 * mask
     u = x2 @ A.T  # (N, r)
-    y = (u @ B.T) * scale  # (N, out)
+    y = matmul(u * scale, B.T)  # (N, out); the scale on the small factor, not on the (N, out) result
     return y.reshape(*x.shape[:-1], B.shape[0]), (x2, u, A, B, scale, mask, x.shape)
 
 
 def lora_backward(dy, cache):
     """-> dx (..., in), dA (r, in), dB (out, r)."""
     x2, u, A, B, scale, mask, xshape = cache
-    dy2 = dy.reshape(-1, dy.shape[-1]) * scale  # (N, out)
+    dy2 = dy.reshape(-1, dy.shape[-1]) * scale  # (N, out), contiguous (dy is often a column slice)
     dB = dy2.T @ u  # (out, r)
-    du = dy2 @ B  # (N, r)
+    du = matmul(dy2, B)  # (N, r)
     dA = du.T @ x2  # (r, in)
-    dx = du @ A
+    dx = matmul(du, A)
     if mask is not None:
         dx *= mask
     return dx.reshape(xshape), dA, dB
