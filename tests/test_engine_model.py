@@ -684,3 +684,24 @@ def test_activation_checkpointing_keeps_a_fraction_of_the_activations():
         tracemalloc.stop()
         del cache
     assert kept[True] * 3 < kept[False], kept
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_one_row_batch_split_over_threads_gives_the_same_numbers(lora):
+    """A batch of one row on two threads splits its matrix products by rows and its attention by KV
+    heads (parallel.spare_threads, engine/split.py): loss and every gradient equal one thread's."""
+    def run(threads):
+        m = make_model("gqa_bias_tied", dtype=np.float64, seed=5)
+        if lora:
+            m.add_lora(LoraConfig(r=2, alpha=4.0), seed=1)
+            _randomise_B(m)
+        m.threads = threads
+        ids = np.random.default_rng(3).integers(0, m.config.vocab_size, (1, 60))
+        labels = ids.copy()
+        labels[0, :10] = -100
+        return m.loss_and_grads(ids, labels)
+
+    (l1, g1), (l2, g2) = run(1), run(2)
+    assert abs(l1 - l2) < 1e-12 and set(g1) == set(g2)
+    for k in g1:
+        np.testing.assert_allclose(g2[k], g1[k], rtol=1e-10, atol=1e-13, err_msg=k)

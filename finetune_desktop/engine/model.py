@@ -23,6 +23,8 @@ from .lora import (LoraConfig, init_lora, lora_backward, lora_forward, lora_name
                    merged_group_weight, merging_pays_off)
 from .loss import HeadLoss, head_chunk_rows
 from .parallel import row_generators, row_shards, run_all, spare_threads, sum_into_first
+from .split import attention_backward_split as _attention_backward
+from .split import attention_forward_split as _attention_forward
 from .recompute import Recompute, rng_from_state, rng_state
 from .runtime import engine_threads
 
@@ -458,7 +460,7 @@ class Model:
         v = v.reshape(B, T, KVH, hd).transpose(0, 2, 1, 3)
         q, c_rq = ops.rope_forward(q, cos, sin)
         k, c_rk = ops.rope_forward(k, cos, sin)
-        a, c_att = ops.attention_forward(q, k, np.ascontiguousarray(v), mask_bias)  # (B, KVH, G, T, hd)
+        a, c_att = _attention_forward(q, k, np.ascontiguousarray(v), mask_bias)  # (B, KVH, G, T, hd)
         a = a.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
         o, c_o = self._proj_forward(g_o, a, train, rng, eff)  # (B, T, C)
         x = x + o
@@ -539,7 +541,7 @@ class Model:
             # --- attention block
             da = self._proj_backward(dx, c_o, grads)  # (B, T, H*hd)
             da = da.reshape(B, T, KVH, G, hd).transpose(0, 2, 3, 1, 4)  # (B, KVH, G, T, hd)
-            dq, dk, dv = ops.attention_backward(da, c_att)
+            dq, dk, dv = _attention_backward(da, c_att)
             dq = ops.rope_backward(dq, c_rq)
             dk = ops.rope_backward(dk, c_rk)
             dqkv = np.empty((B, T, (H + 2 * KVH) * hd), dtype=dq.dtype)  # (B, T, (H+2KVH)*hd)

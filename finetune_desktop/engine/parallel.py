@@ -96,6 +96,11 @@ class spare_threads:
         return False
 
 
+def spare() -> int:
+    """How many threads this thread's work may split over right now (1: no split)."""
+    return getattr(_local, "k", 1)
+
+
 def matmul(a, b, out=None):
     """a (M, K) @ b (K, N), split by rows of a over the spare threads when there are any."""
     k = getattr(_local, "k", 1)
