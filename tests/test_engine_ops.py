@@ -438,3 +438,20 @@ def test_head_and_loss_by_rows_equal_the_full_logits_path(chunk):
     np.testing.assert_allclose(dh.reshape(B, T, C), dh_ref, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(dW, dW_ref, rtol=1e-10, atol=1e-12)
     assert np.isnan(rl[2 * T:]).all() and abs(np.nansum(rl) - total) < 1e-10
+
+
+def test_head_and_loss_chunks_on_spare_threads_equal_one_thread():
+    """With spare threads (a one-row batch) the chunks run in parallel: same loss, dh and dW."""
+    from finetune_desktop.engine.parallel import spare_threads
+    rng = np.random.default_rng(7)
+    N, C, V = 40, 6, 13
+    h, W = rng.standard_normal((N, C)), rng.standard_normal((V, C))
+    targets = rng.integers(0, V, N)
+    targets[:5] = IGNORE_INDEX
+    denom = int((targets != IGNORE_INDEX).sum())
+    one = ops.head_xent_forward(h, W, targets, denom, need_dh=True, need_dW=True, chunk_rows=4)
+    with spare_threads(2):
+        two = ops.head_xent_forward(h, W, targets, denom, need_dh=True, need_dW=True, chunk_rows=4)
+    assert one[1:3] == two[1:3] and abs(one[0] - two[0]) < 1e-10
+    np.testing.assert_allclose(two[3], one[3], rtol=1e-12)
+    np.testing.assert_allclose(two[4], one[4], rtol=1e-10)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .parallel import matmul
+from .parallel import matmul, run_all, spare
 
 IGNORE_INDEX = -100
 
@@ -276,33 +276,47 @@ def head_xent_forward(h, W, targets, denom: int, need_dh: bool = True, need_dW: 
     N, C = h.shape
     idx = np.flatnonzero(targets != IGNORE_INDEX)
     dh = np.zeros((N, C), h.dtype) if need_dh else None  # (N, C)
-    dW = np.zeros(W.shape, h.dtype) if need_dW else None  # (V, C)
-    total, correct = 0.0, 0
     inv = h.dtype.type(1.0 / max(denom, 1))
-    for a in range(0, len(idx), chunk_rows):
-        rows = idx[a:a + chunk_rows]
-        tv = targets[rows]
-        hr = h[rows]  # (R, C)
-        lg = matmul(hr, W.T)  # (R, V)
-        correct += int((lg.argmax(axis=-1) == tv).sum())
-        lg -= lg.max(axis=-1, keepdims=True)
-        r = np.arange(len(rows))
-        picked = lg[r, tv].astype(np.float64)
-        np.exp(lg, out=lg)
-        ssum = lg.sum(axis=-1, keepdims=True)
-        nll = np.log(ssum[:, 0].astype(np.float64)) - picked  # (R,)
-        total += float(nll.sum())
-        if row_losses is not None:
-            row_losses[rows] = nll
-        if need_dh or need_dW:
-            lg /= ssum  # softmax, then its gradient in place: (p - onehot) / denom
-            lg[r, tv] -= 1.0
-            lg *= inv
-            if need_dh:
-                dh[rows] = matmul(lg, W)
-            if need_dW:
-                dW += matmul(lg.T, hr)
-    return total, len(idx), correct, dh, dW
+    chunks = [idx[a:a + chunk_rows] for a in range(0, len(idx), chunk_rows)]
+
+    def run(part):
+        """The chunks part, part + n, ...: (loss sum, correct, dW or None); dh and row_losses
+        are written in place (rows differ between chunks)."""
+        total, correct = 0.0, 0
+        dW = np.zeros(W.shape, h.dtype) if need_dW else None  # (V, C)
+        for rows in chunks[part::n]:
+            tv = targets[rows]
+            hr = h[rows]  # (R, C)
+            lg = matmul(hr, W.T)  # (R, V)
+            correct += int((lg.argmax(axis=-1) == tv).sum())
+            lg -= lg.max(axis=-1, keepdims=True)
+            r = np.arange(len(rows))
+            picked = lg[r, tv].astype(np.float64)
+            np.exp(lg, out=lg)
+            ssum = lg.sum(axis=-1, keepdims=True)
+            nll = np.log(ssum[:, 0].astype(np.float64)) - picked  # (R,)
+            total += float(nll.sum())
+            if row_losses is not None:
+                row_losses[rows] = nll
+            if need_dh or need_dW:
+                lg /= ssum  # softmax, then its gradient in place: (p - onehot) / denom
+                lg[r, tv] -= 1.0
+                lg *= inv
+                if need_dh:
+                    dh[rows] = matmul(lg, W)
+                if need_dW:
+                    dW += matmul(lg.T, hr)
+        return total, correct, dW
+
+    # with spare threads (a one-row batch), the chunks themselves run in parallel: the softmax
+    # over a 152k vocabulary is as much work as the products
+    n = max(1, min(spare(), len(chunks)))
+    parts = run_all(run, n) if n > 1 else [run(0)]
+    dW = parts[0][2]
+    for x in parts[1:]:
+        if dW is not None:
+            dW += x[2]
+    return sum(x[0] for x in parts), len(idx), sum(x[1] for x in parts), dh, dW
 
 
 def shifted_targets(labels):
