@@ -11,25 +11,13 @@ pytest.importorskip("pytestqt")
 from PySide6.QtCore import Qt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tinymodel import make_tiny_model_folder  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return make_tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model")
+from gui_helpers import main_window  # noqa: E402
 
 
 @pytest.fixture
 def window(qtbot, tiny_model):
-    from finetune_desktop.gui import MainWindow
-    w = MainWindow(base_model=tiny_model)
-    w.confirm_close = False
-    qtbot.addWidget(w)
-    w.show()
-    yield w
-    assert w.shutdown(timeout_s=30)
-    assert not w.running_threads(), "a test left a thread running"
-    w.close()
+    with main_window(qtbot, tiny_model) as w:
+        yield w
 
 
 def test_enter_sends_and_reply_arrives(window, qtbot):

@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("pytestqt")
 
 sys.path.insert(0, str(Path(__file__).parent))
+from gui_helpers import main_window  # noqa: E402
 from tinymodel import make_tiny_model_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,22 +23,10 @@ VALID = ROOT / "sample_data" / "pirate_captain_valid.jsonl"
 SMALL = ROOT / "sample_data" / "pirate_prompt_completion.jsonl"
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return make_tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model")
-
-
 @pytest.fixture
 def window(qtbot, tiny_model):
-    from finetune_desktop.gui import MainWindow
-    w = MainWindow(base_model=tiny_model)
-    w.confirm_close = False
-    qtbot.addWidget(w)
-    w.show()
-    yield w
-    assert w.shutdown(timeout_s=30)
-    assert not w.running_threads()
-    w.close()
+    with main_window(qtbot, tiny_model) as w:
+        yield w
 
 
 def _threads_of(monkeypatch, module, name):

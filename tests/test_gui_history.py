@@ -10,15 +10,10 @@ import pytest
 pytest.importorskip("pytestqt")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tinymodel import make_tiny_model_folder  # noqa: E402
+from gui_helpers import main_window  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "sample_data" / "pirate_prompt_completion.jsonl"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return make_tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture
@@ -36,16 +31,9 @@ def earlier_run(tiny_model):
 
 @pytest.fixture
 def window(qtbot, tiny_model, earlier_run):
-    from finetune_desktop.gui import MainWindow
-    w = MainWindow(base_model=tiny_model)
-    w.confirm_close = False
-    qtbot.addWidget(w)
-    w.show()
-    qtbot.waitUntil(lambda: w.runs.loaded, timeout=10_000)   # runs are listed on a worker
-    yield w
-    assert w.shutdown(timeout_s=30)
-    assert not w.running_threads(), "a test left a thread running"
-    w.close()
+    with main_window(qtbot, tiny_model) as w:
+        qtbot.waitUntil(lambda: w.runs.loaded, timeout=10_000)   # runs are listed on a worker
+        yield w
 
 
 def test_reopen_rename_overlay_chat_export_delete(window, qtbot, earlier_run, tiny_model, tmp_path):

@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("pytestqt")
 
 sys.path.insert(0, str(Path(__file__).parent))
+from gui_helpers import main_window  # noqa: E402
 from tinymodel import make_tiny_model_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,16 +36,8 @@ def base_with_general(tmp_path_factory):
 
 @pytest.fixture
 def window(qtbot, base_with_general):
-    from finetune_desktop.gui import MainWindow
-    w = MainWindow(base_model=base_with_general)
-    w.confirm_close = False
-    qtbot.addWidget(w)
-    w.resize(1280, 800)
-    w.show()
-    yield w
-    assert w.shutdown(timeout_s=60), "a worker thread did not end"
-    assert not w.running_threads()
-    w.close()
+    with main_window(qtbot, base_with_general, size=(1280, 800), timeout_s=60) as w:
+        yield w
 
 
 def drawn(curve) -> list:

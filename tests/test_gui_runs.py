@@ -17,15 +17,9 @@ from PySide6.QtCore import Qt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_training_helpers import conversations, write_jsonl  # noqa: E402
-from tinymodel import make_tiny_model_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "sample_data" / "pirate_prompt_completion.jsonl"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return make_tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def make_run(tiny_model, stop_at: int | None = None) -> Path:

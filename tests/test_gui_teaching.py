@@ -14,6 +14,7 @@ from PySide6.QtCore import Qt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_training_helpers import conversations, write_jsonl  # noqa: E402
+from gui_helpers import main_window  # noqa: E402
 from tinymodel import make_tiny_model_folder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,23 +22,10 @@ SAMPLE = ROOT / "sample_data" / "pirate_captain.jsonl"
 KOREAN = ROOT / "sample_data" / "gyeongsang_ajumma.jsonl"
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return make_tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model")
-
-
 @pytest.fixture
 def window(qtbot, tiny_model):
-    from finetune_desktop.gui import MainWindow
-    w = MainWindow(base_model=tiny_model)
-    w.confirm_close = False
-    qtbot.addWidget(w)
-    w.resize(1280, 800)
-    w.show()
-    yield w
-    assert w.shutdown(timeout_s=60), "a worker thread did not end"
-    assert not w.running_threads(), "a test left a thread running"
-    w.close()
+    with main_window(qtbot, tiny_model, size=(1280, 800), timeout_s=60) as w:
+        yield w
 
 
 def load(qtbot, w, path):

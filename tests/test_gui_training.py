@@ -13,30 +13,17 @@ from PySide6.QtGui import QDragEnterEvent, QDropEvent  # noqa: E402
 from PySide6.QtWidgets import QApplication, QComboBox, QPushButton, QSpinBox, QWidget  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tinymodel import make_tiny_model_folder  # noqa: E402
+from gui_helpers import main_window  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data" / "pirate_captain.jsonl"
 BAD = ROOT / "sample_data" / "with_mistakes.jsonl"
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return make_tiny_model_folder(tmp_path_factory.mktemp("tiny") / "model")
-
-
 @pytest.fixture
 def window(qtbot, tiny_model):
-    from finetune_desktop.gui import MainWindow
-    w = MainWindow(base_model=tiny_model)
-    w.confirm_close = False
-    qtbot.addWidget(w)
-    w.resize(1280, 800)
-    w.show()
-    yield w
-    assert w.shutdown(timeout_s=30), "a worker thread did not end"
-    assert not w.running_threads(), "a test left a thread running"
-    w.close()
+    with main_window(qtbot, tiny_model, size=(1280, 800)) as w:
+        yield w
 
 
 def drop_file(widget, path):
