@@ -5,17 +5,23 @@ import argparse
 import sys
 
 
-def auto_int(s: str):
-    """A positive whole number or the word 'auto'."""
-    if s == "auto":
+def _whole_number(s: str, minimum: int, auto: bool):
+    """A whole number >= minimum (0 or 1), or with auto=True also the word 'auto'."""
+    if auto and s == "auto":
         return "auto"
     try:
         v = int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {s!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
+        expected = "a whole number or 'auto'" if auto else "a whole number"
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}") from None
+    if v < minimum:
+        raise argparse.ArgumentTypeError(f"must be {'positive' if minimum == 1 else '0 or more'}, got {v}")
     return v
+
+
+def auto_int(s: str):
+    """A positive whole number or the word 'auto'."""
+    return _whole_number(s, 1, auto=True)
 
 
 def auto_float(s: str):
@@ -38,25 +44,11 @@ def auto_fraction(s: str):
 
 def auto_nonneg_int(s: str):
     """A whole number >= 0 or the word 'auto'."""
-    if s == "auto":
-        return "auto"
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
-    return v
+    return _whole_number(s, 0, auto=True)
 
 
 def pos_int(s: str):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {s!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
-    return v
+    return _whole_number(s, 1, auto=False)
 
 
 def fraction(s: str):
