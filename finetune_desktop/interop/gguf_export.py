@@ -22,7 +22,6 @@ as llama.cpp's converter does). The file is written to a temp file and renamed i
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ import numpy as np
 from ..engine.checkpoint import atomic_write_text
 from ..engine.config import ModelConfig
 from ..engine.tokenizer import END_OF_TURN_CANDIDATES
-from .errors import InteropError
+from .errors import InteropError, read_json_object
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 
@@ -77,18 +76,6 @@ class ExportResult:
 
 
 # ----------------------------------------------------------------------------- tokenizer
-def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InteropError(f"{path}: file is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InteropError(f"{path}: cannot be read as JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise InteropError(f"{path}: expected a JSON object")
-    return d
-
-
 def _pre_tokenizer_name(tj: dict, src: Path) -> str:
     """llama.cpp's name for the tokenizer.json's pre-tokenizer, or InteropError."""
     pre = tj.get("pre_tokenizer")
@@ -186,8 +173,8 @@ def read_gguf_vocab(folder, cfg: ModelConfig) -> GGUFVocab:
     if not src.exists():
         extra = " (only a SentencePiece tokenizer.model is there)" if (folder / "tokenizer.model").exists() else ""
         raise InteropError(f"{src}: file is missing{extra}; GGUF export needs a byte-level BPE tokenizer.json")
-    tj = _read_json(src)
-    tcfg = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
+    tj = read_json_object(src)
+    tcfg = read_json_object(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
     notes: list[str] = []
     pre = _pre_tokenizer_name(tj, src)
     norm = tj.get("normalizer")

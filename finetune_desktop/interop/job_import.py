@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.checkpoint import atomic_write_text, make_temp_dir_beside, replace_dir_atomically
-from .errors import InteropError
+from .errors import InteropError, read_json_object
 
 
 @dataclass(frozen=True)
@@ -25,18 +25,6 @@ class ImportResult:
     steps: int
     final_train_loss: float | None
     final_valid_loss: float | None
-
-
-def _read(path: Path, what: str) -> dict:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InteropError(f"{path}: {what} is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InteropError(f"{path}: cannot be read as JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise InteropError(f"{path}: expected a JSON object")
-    return d
 
 
 def _num(x):
@@ -107,7 +95,7 @@ def import_job(job_dir, out=None) -> ImportResult:
     job_dir = Path(job_dir).expanduser()
     if not job_dir.is_dir():
         raise InteropError(f"{job_dir}: no such job folder")
-    job = _read(job_dir / "job.json", "job.json")
+    job = read_json_object(job_dir / "job.json", "job.json")
     if job.get("kind") != "finetune-desktop-trl-job":
         raise InteropError(f"{job_dir / 'job.json'}: kind is {job.get('kind')!r}, not a Finetune Desktop job")
     try:
@@ -115,8 +103,8 @@ def import_job(job_dir, out=None) -> ImportResult:
     except (KeyError, TypeError):
         raise InteropError(f"{job_dir / 'job.json'}: settings or hyper is missing") from None
     output = job_dir / "output"
-    state = _read(output / "trainer_state.json", "trainer_state.json (has the job run to the end?)")
-    result = _read(output / "result.json", "result.json") if (output / "result.json").exists() else {}
+    state = read_json_object(output / "trainer_state.json", "trainer_state.json (has the job run to the end?)")
+    result = read_json_object(output / "result.json", "result.json") if (output / "result.json").exists() else {}
     metrics = metrics_from_log_history(state.get("log_history"), str(output / "trainer_state.json"))
 
     spec = _base_spec(job, job_dir)
