@@ -278,6 +278,9 @@ def head_xent_forward(h, W, targets, denom: int, need_dh: bool = True, need_dW: 
     dh = np.zeros((N, C), h.dtype) if need_dh else None  # (N, C)
     inv = h.dtype.type(1.0 / max(denom, 1))
     chunks = [idx[a:a + chunk_rows] for a in range(0, len(idx), chunk_rows)]
+    # with spare threads (a one-row batch), the chunks themselves run in parallel: the softmax
+    # over a 152k vocabulary is as much work as the products
+    n = max(1, min(spare(), len(chunks)))
 
     def run(part):
         """The chunks part, part + n, ...: (loss sum, correct, dW or None); dh and row_losses
@@ -308,9 +311,6 @@ def head_xent_forward(h, W, targets, denom: int, need_dh: bool = True, need_dW: 
                     dW += matmul(lg.T, hr)
         return total, correct, dW
 
-    # with spare threads (a one-row batch), the chunks themselves run in parallel: the softmax
-    # over a 152k vocabulary is as much work as the products
-    n = max(1, min(spare(), len(chunks)))
     parts = run_all(run, n) if n > 1 else [run(0)]
     dW = parts[0][2]
     for x in parts[1:]:

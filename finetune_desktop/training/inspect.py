@@ -31,18 +31,6 @@ def log_softmax_rows(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def per_token_losses(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """(T, V) logits and (T,) labels of one sequence -> (T,) loss of each token, NaN where it does not
-    count. Position t predicts token t + 1 (the engine's causal shift)."""
-    T = len(labels)
-    out = np.full(T, np.nan)
-    lp = log_softmax_rows(logits[:-1])
-    for t in range(1, T):
-        if labels[t] != IGNORE_INDEX:
-            out[t] = -lp[t - 1, labels[t]]
-    return out
-
-
 def token_losses(model, tokenizer, input_ids, labels) -> TokenLosses:
     """Every token of one example with its loss under `model` (grey where the loss does not
     count), its probability and the model's top guesses there."""
