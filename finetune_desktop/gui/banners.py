@@ -31,14 +31,7 @@ class Banners(QWidget):
         self.banner.setObjectName("banner")
         self.banner.setWordWrap(True)
         self.banner.setVisible(False)
-        self.error_banner = QWidget()
-        self.error_banner.setObjectName("errorBanner")
-        self.error_banner.setAttribute(Qt.WidgetAttribute.WA_StyledBackground, True)
-        eb = QHBoxLayout(self.error_banner)
-        eb.setContentsMargins(8, 4, 4, 4)
-        self.error_label = QLabel("")
-        self.error_label.setObjectName("errorLabel")
-        self.error_label.setWordWrap(True)
+        self.error_banner, eb, self.error_label = _banner("errorBanner", "errorLabel")
         self.error_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         close = QPushButton("Dismiss")
         close.clicked.connect(lambda: self.error_banner.setVisible(False))
@@ -51,14 +44,7 @@ class Banners(QWidget):
         self.setStyleSheet(EXTRA_STYLE)
 
     def _build_alarm(self) -> QWidget:
-        self.alarm_banner = QWidget()
-        self.alarm_banner.setObjectName("overfitBanner")
-        self.alarm_banner.setAttribute(Qt.WidgetAttribute.WA_StyledBackground, True)
-        row = QHBoxLayout(self.alarm_banner)
-        row.setContentsMargins(8, 4, 4, 4)
-        self.alarm_label = QLabel("")
-        self.alarm_label.setObjectName("overfitText")
-        self.alarm_label.setWordWrap(True)
+        self.alarm_banner, row, self.alarm_label = _banner("overfitBanner", "overfitText")
         self.alarm_label.setTextFormat(Qt.TextFormat.RichText)
         self.keep_best_button = QPushButton("Stop and keep the best checkpoint")
         self.keep_best_button.setObjectName("keepBestButton")
@@ -113,3 +99,16 @@ class Banners(QWidget):
     def _stop_now(self) -> None:
         self.stop_now_button.setEnabled(False)
         self.stopRequested.emit()
+
+
+def _banner(name: str, label_name: str) -> tuple[QWidget, QHBoxLayout, QLabel]:
+    """A styled banner row with a word-wrapped label (the caller adds its buttons)."""
+    w = QWidget()
+    w.setObjectName(name)
+    w.setAttribute(Qt.WidgetAttribute.WA_StyledBackground, True)
+    row = QHBoxLayout(w)
+    row.setContentsMargins(8, 4, 4, 4)
+    label = QLabel("")
+    label.setObjectName(label_name)
+    label.setWordWrap(True)
+    return w, row, label
