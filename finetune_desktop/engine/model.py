@@ -19,8 +19,8 @@ from . import decode, loss as loss_mod, ops
 from .checkpoint import (atomic_write_json, load_peft_adapter, load_weights, make_temp_dir_beside, model_folder,
                          replace_dir_atomically, save_peft_adapter, write_safetensors, write_safetensors_bf16)
 from .config import ModelConfig, ModelFormatError
-from .lora import (LoraConfig, init_lora, lora_backward, lora_forward, lora_names, merge_lora,
-                   merged_group_weight, merging_pays_off)
+from .lora import (LoraConfig, group_backward, group_forward, init_lora, lora_backward, lora_forward,
+                   lora_names, merge_lora, merged_group_weight, merging_pays_off)
 from .loss import HeadLoss, head_chunk_rows
 from .parallel import row_generators, row_shards, run_all, spare_threads, sum_into_first
 from .split import attention_backward_split as _attention_backward
@@ -277,35 +277,38 @@ class Model:
         return dict(zip(groups, run_all(merged, len(groups), self.threads)))
 
     def _proj_forward(self, stems: tuple[str, ...], x, train: bool, rng, eff=None):
-        """x (..., in) -> y (..., sum of the projections' out sizes), with LoRA added per projection
-        (folded into the weight when `eff`, from _lora_effective_weights, has this group)."""
+        """x (..., in) -> y (..., sum of the projections' out sizes), with LoRA added per projection:
+        folded into the weight when `eff` (from _lora_effective_weights) has this group, else beside
+        the frozen weights, the group's adapters together (lora.group_forward), or one by one when
+        training with adapter dropout."""
         W, b = self._fused(stems)
-        if eff is not None and stems in eff:
-            y, lc = ops.linear_forward(x, eff[stems], b)
-            lcaches, off = [], 0
-            for stem in stems:
-                n_out = self.params[stem + ".weight"].shape[0]
-                if lora_names(stem + ".weight")[0] in self.lora:
-                    lcaches.append((stem, off, n_out, None))  # None: merged into the weight
-                off += n_out
-            return y, (stems, lc, lcaches)
-        y, lc = ops.linear_forward(x, W, b)
-        lcaches = []
-        if self.lora is not None:
-            off = 0
-            for stem in stems:
-                n_out = self.params[stem + ".weight"].shape[0]
-                an, bn = lora_names(stem + ".weight")
-                if an in self.lora:
-                    dy, lcache = lora_forward(x, self.lora[an], self.lora[bn], self.lora_config.scale,
-                                              self.lora_config.dropout if train else 0.0, rng)
-                    y[..., off:off + n_out] += dy
-                    lcaches.append((stem, off, n_out, lcache))
-                off += n_out
-        return y, (stems, lc, lcaches)
+        merged = eff is not None and stems in eff
+        y, lc = ops.linear_forward(x, eff[stems] if merged else W, b)
+        if self.lora is None:
+            return y, (stems, lc, None)
+        adapted, off = [], 0
+        for stem in stems:
+            n_out = self.params[stem + ".weight"].shape[0]
+            an, bn = lora_names(stem + ".weight")
+            if an in self.lora:
+                adapted.append((stem, off, an, bn))
+            off += n_out
+        if merged or not adapted:
+            return y, (stems, lc, ("merged", adapted, None))
+        scale = self.lora_config.scale
+        if train and self.lora_config.dropout > 0:
+            each = []
+            for stem, off, an, bn in adapted:
+                B = self.lora[bn]
+                dy, lcache = lora_forward(x, self.lora[an], B, scale, self.lora_config.dropout, rng)
+                y[..., off:off + B.shape[0]] += dy
+                each.append(lcache)
+            return y, (stems, lc, ("each", adapted, each))
+        parts = [(off, self.lora[an], self.lora[bn]) for _, off, an, bn in adapted]
+        return y, (stems, lc, ("group", adapted, group_forward(x, y, parts, scale)))
 
     def _proj_backward(self, dy, cache, grads, need_dx=True):
-        stems, lc, lcaches = cache
+        stems, lc, lora_cache = cache
         frozen = self.lora is not None
         dx, dW, db = ops.linear_backward(dy, lc, need_dW=not frozen, need_dx=need_dx)
         if not frozen:
@@ -316,17 +319,24 @@ class Model:
                 if db is not None:
                     grads[stem + ".bias"] = db[off:off + n_out] if len(stems) > 1 else db
                 off += n_out
-        for stem, off, n_out, lcache in lcaches:
-            an, bn = lora_names(stem + ".weight")
-            if lcache is None:  # merged: dx above already went through W + scale * B @ A
+            return dx
+        mode, adapted, saved = lora_cache
+        sc = self.dtype.type(self.lora_config.scale)
+        if mode == "group":
+            parts = [(off, self.lora[an], self.lora[bn]) for _, off, an, bn in adapted]
+            for (_, _, an, bn), (dA, dB) in zip(adapted, group_backward(dy, dx, parts, saved, sc)):
+                grads[an], grads[bn] = dA, dB
+            return dx
+        for i, (stem, off, an, bn) in enumerate(adapted):
+            A, B = self.lora[an], self.lora[bn]
+            n_out = B.shape[0]
+            if mode == "merged":  # dx above already went through W + scale * B @ A
                 x2 = lc[0].reshape(-1, lc[0].shape[-1])
                 dys = dy.reshape(-1, dy.shape[-1])[:, off:off + n_out]
-                A, B = self.lora[an], self.lora[bn]
-                sc = self.dtype.type(self.lora_config.scale)
                 grads[bn] = (dys.T @ (x2 @ A.T)) * sc
                 grads[an] = ((dys @ B).T @ x2) * sc
                 continue
-            ldx, dA, dB = lora_backward(dy[..., off:off + n_out], lcache)
+            ldx, dA, dB = lora_backward(dy[..., off:off + n_out], saved[i])
             grads[an] = dA
             grads[bn] = dB
             if need_dx:
@@ -532,8 +542,7 @@ class Model:
             (c_ln1, c_qkv, c_rq, c_rk, c_att, c_o, c_ln2, c_gu, c_act, c_d) = self._layer_cache(l, layer_caches[l])
             # --- MLP block
             dact = self._proj_backward(dx, c_d, grads)
-            dg, du = ops.swiglu_backward(dact, c_act)
-            dh2 = self._proj_backward(np.concatenate([dg, du], axis=-1), c_gu, grads)
+            dh2 = self._proj_backward(ops.swiglu_backward(dact, c_act, stacked=True), c_gu, grads)
             dres, dw = ops.rmsnorm_backward(dh2, c_ln2, need_dw=not frozen)
             if not frozen:
                 grads[pre + "post_attention_layernorm.weight"] = dw

@@ -35,8 +35,13 @@ def embedding_backward(dx, cache):
 
 # ----------------------------------------------------------------------------- rmsnorm
 def rmsnorm_forward(x, w, eps):
-    """x (..., C), w (C,) -> y = x / rms(x) * w."""
-    rstd = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
+    """x (..., C), w (C,) -> y = x / rms(x) * w. (Written to make as few passes over the
+    activations, and as few temporary arrays, as it can: at 135M-500M sizes the elementwise
+    passes are a good part of a step that is not matrix products.)"""
+    ms = np.einsum("...c,...c->...", x, x)[..., None]  # (..., 1) sum of squares, no (..., C) temporary
+    ms *= x.dtype.type(1.0 / x.shape[-1])
+    ms += eps
+    rstd = np.reciprocal(np.sqrt(ms, out=ms), out=ms)
     xhat = x * rstd
     return xhat * w, (xhat, w, rstd)
 
@@ -44,8 +49,12 @@ def rmsnorm_forward(x, w, eps):
 def rmsnorm_backward(dy, cache, need_dw=True):
     xhat, w, rstd = cache
     dxhat = dy * w
-    dx = rstd * (dxhat - xhat * np.mean(dxhat * xhat, axis=-1, keepdims=True))
-    dw = (dy.reshape(-1, dy.shape[-1]) * xhat.reshape(-1, xhat.shape[-1])).sum(axis=0) if need_dw else None
+    m = np.einsum("...c,...c->...", dxhat, xhat)[..., None]  # (..., 1)
+    m *= dy.dtype.type(1.0 / dy.shape[-1])
+    dx = xhat * m
+    np.subtract(dxhat, dx, out=dx)
+    dx *= rstd
+    dw = np.einsum("nc,nc->c", dy.reshape(-1, dy.shape[-1]), xhat.reshape(-1, xhat.shape[-1])) if need_dw else None
     return dx, dw
 
 
@@ -80,24 +89,29 @@ def rope_tables(inv_freq, positions, dtype):
     return np.cos(emb).astype(dtype), np.sin(emb).astype(dtype)
 
 
-def _rotate_half(x):
-    h = x.shape[-1] // 2
-    return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
-
-
-def _rotate_half_T(y):
-    h = y.shape[-1] // 2
-    return np.concatenate([y[..., h:], -y[..., :h]], axis=-1)
-
-
 def rope_forward(x, cos, sin):
-    """x (..., T, hd), cos/sin (T, hd) -> rotated x (same shape)."""
-    return x * cos + _rotate_half(x) * sin, (cos, sin)
+    """x (..., T, hd), cos/sin (T, hd) -> rotated x (same shape):
+    x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1] for the halves x1, x2 of hd,
+    done on the halves in place (no rotated copy of x is made)."""
+    h = x.shape[-1] // 2
+    y = x * cos
+    t = x[..., h:] * sin[:, :h]
+    y[..., :h] -= t
+    np.multiply(x[..., :h], sin[:, h:], out=t)
+    y[..., h:] += t
+    return y, (cos, sin)
 
 
 def rope_backward(dy, cache):
+    """The transpose of rope_forward: dy * cos + [dy2 * sin2, -dy1 * sin1]."""
     cos, sin = cache
-    return dy * cos + _rotate_half_T(dy * sin)
+    h = dy.shape[-1] // 2
+    dx = dy * cos
+    t = dy[..., h:] * sin[:, h:]
+    dx[..., :h] += t
+    np.multiply(dy[..., :h], sin[:, :h], out=t)
+    dx[..., h:] -= t
+    return dx
 
 
 # ----------------------------------------------------------------------------- attention
@@ -189,15 +203,28 @@ def _sigmoid(x):
 def swiglu_forward(gate, up):
     """gate, up (..., I) -> silu(gate) * up."""
     sg = _sigmoid(gate)
-    return gate * sg * up, (gate, up, sg)
+    act = gate * sg
+    act *= up
+    return act, (gate, up, sg)
 
 
-def swiglu_backward(dy, cache):
+def swiglu_backward(dy, cache, stacked: bool = False):
+    """-> (dgate, dup), or with stacked one array (..., 2I) = [dgate | dup], the layout of the
+    fused gate/up projection's output, written in place (no concatenation afterwards)."""
     gate, up, sg = cache
-    silu = gate * sg
-    dup = dy * silu
-    dgate = dy * up * (sg * (1.0 + gate * (1.0 - sg)))
-    return dgate, dup
+    I = gate.shape[-1]
+    out = np.empty(dy.shape[:-1] + (2 * I,), dy.dtype)
+    dgate, dup = out[..., :I], out[..., I:]
+    # d silu(g) / dg = sg * (1 + g * (1 - sg))
+    t = np.subtract(1.0, sg, dtype=sg.dtype)
+    t *= gate
+    t += 1.0
+    t *= sg
+    np.multiply(t, up, out=dgate)
+    dgate *= dy
+    np.multiply(gate, sg, out=dup)  # silu(gate)
+    dup *= dy
+    return out if stacked else (dgate, dup)
 
 
 # ----------------------------------------------------------------------------- cross entropy
@@ -291,9 +318,10 @@ def head_xent_forward(h, W, targets, denom: int, need_dh: bool = True, need_dW: 
             tv = targets[rows]
             hr = h[rows]  # (R, C)
             lg = matmul(hr, W.T)  # (R, V)
-            correct += int((lg.argmax(axis=-1) == tv).sum())
-            lg -= lg.max(axis=-1, keepdims=True)
             r = np.arange(len(rows))
+            best = lg.argmax(axis=-1)
+            correct += int((best == tv).sum())
+            lg -= lg[r, best][:, None]  # the row maximum, without a second pass to find it
             picked = lg[r, tv].astype(np.float64)
             np.exp(lg, out=lg)
             ssum = lg.sum(axis=-1, keepdims=True)
@@ -302,9 +330,8 @@ def head_xent_forward(h, W, targets, denom: int, need_dh: bool = True, need_dW: 
             if row_losses is not None:
                 row_losses[rows] = nll
             if need_dh or need_dW:
-                lg /= ssum  # softmax, then its gradient in place: (p - onehot) / denom
-                lg[r, tv] -= 1.0
-                lg *= inv
+                lg *= inv / ssum  # softmax / denom, then the gradient (p - onehot) / denom in place
+                lg[r, tv] -= inv
                 if need_dh:
                     dh[rows] = matmul(lg, W)
                 if need_dW:
