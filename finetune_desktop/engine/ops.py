@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .parallel import matmul, run_all, spare
+from .parallel import matmul, rowwise, run_all, spare
 
 IGNORE_INDEX = -100
 
@@ -35,25 +35,38 @@ def embedding_backward(dx, cache):
 
 # ----------------------------------------------------------------------------- rmsnorm
 def rmsnorm_forward(x, w, eps):
-    """x (..., C), w (C,) -> y = x / rms(x) * w. (Written to make as few passes over the
-    activations, and as few temporary arrays, as it can: at 135M-500M sizes the elementwise
-    passes are a good part of a step that is not matrix products.)"""
-    ms = np.einsum("...c,...c->...", x, x)[..., None]  # (..., 1) sum of squares, no (..., C) temporary
-    ms *= x.dtype.type(1.0 / x.shape[-1])
-    ms += eps
-    rstd = np.reciprocal(np.sqrt(ms, out=ms), out=ms)
-    xhat = x * rstd
-    return xhat * w, (xhat, w, rstd)
+    """x (..., C), w (C,) -> y = x / rms(x) * w. (Written to make few passes over the activations
+    and few temporary arrays, and split by rows over spare threads: at 135M-500M sizes the
+    elementwise passes are a good part of what in a step is not matrix products.)"""
+    y = np.empty(x.shape, x.dtype)
+    xhat = np.empty(x.shape, x.dtype)
+    rstd = np.empty(x.shape[:-1] + (1,), x.dtype)
+
+    def rows(x, y, xhat, rstd):
+        ms = np.einsum("nc,nc->n", x, x)[:, None]  # sum of squares, no (rows, C) temporary
+        ms *= x.dtype.type(1.0 / x.shape[-1])
+        ms += eps
+        np.reciprocal(np.sqrt(ms, out=ms), out=rstd)
+        np.multiply(x, rstd, out=xhat)
+        np.multiply(xhat, w, out=y)
+
+    rowwise(rows, (x,), (y, xhat, rstd))
+    return y, (xhat, w, rstd)
 
 
 def rmsnorm_backward(dy, cache, need_dw=True):
     xhat, w, rstd = cache
-    dxhat = dy * w
-    m = np.einsum("...c,...c->...", dxhat, xhat)[..., None]  # (..., 1)
-    m *= dy.dtype.type(1.0 / dy.shape[-1])
-    dx = xhat * m
-    np.subtract(dxhat, dx, out=dx)
-    dx *= rstd
+    dx = np.empty(dy.shape, dy.dtype)
+
+    def rows(dy, xhat, rstd, dx):
+        dxhat = dy * w
+        m = np.einsum("nc,nc->n", dxhat, xhat)[:, None]
+        m *= dy.dtype.type(1.0 / dy.shape[-1])
+        np.multiply(xhat, m, out=dx)
+        np.subtract(dxhat, dx, out=dx)
+        dx *= rstd
+
+    rowwise(rows, (dy, xhat, rstd), (dx,))
     dw = np.einsum("nc,nc->c", dy.reshape(-1, dy.shape[-1]), xhat.reshape(-1, xhat.shape[-1])) if need_dw else None
     return dx, dw
 
@@ -190,21 +203,21 @@ def attention_backward(dout, cache):
 
 
 # ----------------------------------------------------------------------------- swiglu
-def _sigmoid(x):
-    """Logistic function; exp overflow for very negative x gives 1/inf = 0, which is exact."""
-    with np.errstate(over="ignore"):
-        out = np.negative(x)
-        np.exp(out, out=out)
-        out += 1.0
-        np.reciprocal(out, out=out)
-    return out
-
-
 def swiglu_forward(gate, up):
-    """gate, up (..., I) -> silu(gate) * up."""
-    sg = _sigmoid(gate)
-    act = gate * sg
-    act *= up
+    """gate, up (..., I) -> silu(gate) * up (split by rows over spare threads, see rmsnorm)."""
+    act = np.empty(gate.shape, gate.dtype)
+    sg = np.empty(gate.shape, gate.dtype)
+
+    def rows(gate, up, act, sg):
+        with np.errstate(over="ignore"):  # exp overflow for very negative gates gives 1/inf = 0, exact
+            np.negative(gate, out=sg)
+            np.exp(sg, out=sg)
+            sg += 1.0
+            np.reciprocal(sg, out=sg)
+        np.multiply(gate, sg, out=act)
+        act *= up
+
+    rowwise(rows, (gate, up), (act, sg))
     return act, (gate, up, sg)
 
 
@@ -214,17 +227,20 @@ def swiglu_backward(dy, cache, stacked: bool = False):
     gate, up, sg = cache
     I = gate.shape[-1]
     out = np.empty(dy.shape[:-1] + (2 * I,), dy.dtype)
-    dgate, dup = out[..., :I], out[..., I:]
-    # d silu(g) / dg = sg * (1 + g * (1 - sg))
-    t = np.subtract(1.0, sg, dtype=sg.dtype)
-    t *= gate
-    t += 1.0
-    t *= sg
-    np.multiply(t, up, out=dgate)
-    dgate *= dy
-    np.multiply(gate, sg, out=dup)  # silu(gate)
-    dup *= dy
-    return out if stacked else (dgate, dup)
+
+    def rows(dy, gate, up, sg, out):
+        dgate, dup = out[:, :I], out[:, I:]
+        t = np.subtract(1.0, sg, dtype=sg.dtype)  # d silu(g) / dg = sg * (1 + g * (1 - sg))
+        t *= gate
+        t += 1.0
+        t *= sg
+        np.multiply(t, up, out=dgate)
+        dgate *= dy
+        np.multiply(gate, sg, out=dup)  # silu(gate)
+        dup *= dy
+
+    rowwise(rows, (dy, gate, up, sg), (out,))
+    return out if stacked else (out[..., :I], out[..., I:])
 
 
 # ----------------------------------------------------------------------------- cross entropy

@@ -74,7 +74,8 @@ def sum_into_first(parts: Sequence[dict]) -> dict:
 # A batch of fewer rows than threads (one long sequence, as a 0.5B model's batch of 1 x 512 often
 # is) would leave threads idle. Inside `spare_threads(k)` the big matrix products of the calling
 # thread split their rows (tokens) into k blocks that run in parallel, each on single-threaded
-# BLAS: the same result, computed by k cores. Elementwise work and attention stay on one thread.
+# BLAS: the same result, computed by k cores. The SwiGLU and RMSNorm passes split by rows the same
+# way (rowwise below); the attention splits its KV heads instead (engine/split.py).
 _local = threading.local()
 MIN_SPLIT_ROWS = 16        # fewer rows per block than this: not worth a thread hand-off
 
@@ -113,3 +114,19 @@ def matmul(a, b, out=None):
     bounds = np.linspace(0, M, k + 1).astype(int)
     run_all(lambda i: np.matmul(a[bounds[i]:bounds[i + 1]], b, out=out[bounds[i]:bounds[i + 1]]), k)
     return out
+
+
+def rowwise(fn, ins, outs) -> None:
+    """fn(*ins, *outs) on 2-D (rows, features) views of the arrays (..., features), writing outs
+    in place; over this thread's spare threads by blocks of rows when there are any (a one-row
+    batch's elementwise passes), else in one call."""
+    ins2 = [a.reshape(-1, a.shape[-1]) for a in ins]
+    outs2 = [a.reshape(-1, a.shape[-1]) for a in outs]  # fresh C-contiguous arrays: views
+    M = outs2[0].shape[0]
+    k = spare()
+    if k <= 1 or M < 2 * MIN_SPLIT_ROWS:
+        fn(*ins2, *outs2)
+        return
+    k = min(k, M // MIN_SPLIT_ROWS)
+    b = np.linspace(0, M, k + 1).astype(int)
+    run_all(lambda i: fn(*[a[b[i]:b[i + 1]] for a in ins2 + outs2]), k)
