@@ -473,7 +473,8 @@ class Model:
         a, c_att = _attention_forward(q, k, np.ascontiguousarray(v), mask_bias)  # (B, KVH, G, T, hd)
         a = a.transpose(0, 3, 1, 2, 4).reshape(B, T, H * hd)
         o, c_o = self._proj_forward(g_o, a, train, rng, eff)  # (B, T, C)
-        x = x + o
+        o += x  # the residual, into the fresh output (the layer input x stays as it was)
+        x = o
         # --- MLP block
         h2, c_ln2 = ops.rmsnorm_forward(x, p[pre + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
         gu, c_gu = self._proj_forward(g_gu, h2, train, rng, eff)  # (B, T, 2I)
@@ -481,7 +482,8 @@ class Model:
         act, c_act = ops.swiglu_forward(gu[..., :I], gu[..., I:])
         del gu
         d, c_d = self._proj_forward(g_d, act, train, rng, eff)  # (B, T, C)
-        x = x + d
+        d += x
+        x = d
         return x, (c_ln1, c_qkv, c_rq, c_rk, c_att, c_o, c_ln2, c_gu, c_act, c_d)
 
     def _layer_cache(self, l: int, lc):
@@ -546,7 +548,7 @@ class Model:
             dres, dw = ops.rmsnorm_backward(dh2, c_ln2, need_dw=not frozen)
             if not frozen:
                 grads[pre + "post_attention_layernorm.weight"] = dw
-            dx = dx + dres
+            dx += dres
             # --- attention block
             da = self._proj_backward(dx, c_o, grads)  # (B, T, H*hd)
             da = da.reshape(B, T, KVH, G, hd).transpose(0, 2, 3, 1, 4)  # (B, KVH, G, T, hd)
@@ -558,11 +560,14 @@ class Model:
             dqkv[..., :nq] = dq.transpose(0, 3, 1, 2, 4).reshape(B, T, nq)
             dqkv[..., nq:nq + nkv] = dk.transpose(0, 2, 1, 3).reshape(B, T, nkv)
             dqkv[..., nq + nkv:] = dv.transpose(0, 2, 1, 3).reshape(B, T, nkv)
+            if frozen and l == 0:  # nothing below the first layer learns: no input gradient needed
+                self._proj_backward(dqkv, c_qkv, grads, need_dx=False)
+                break
             dh = self._proj_backward(dqkv, c_qkv, grads)
             dres, dw = ops.rmsnorm_backward(dh, c_ln1, need_dw=not frozen)
             if not frozen:
                 grads[pre + "input_layernorm.weight"] = dw
-            dx = dx + dres
+            dx += dres
         if not frozen:
             grads["model.embed_tokens.weight"] = ops.embedding_backward(dx, c_emb)
         return grads
