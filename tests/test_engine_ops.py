@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from finetune_desktop.engine import ops
-from finetune_desktop.engine.lora import lora_backward, lora_forward
+from finetune_desktop.engine.lora import group_backward, group_forward, lora_backward, lora_forward
 from finetune_desktop.engine.ops import IGNORE_INDEX
 
 EPS = 1e-6
@@ -399,6 +399,40 @@ def test_lora_grads(rng, dropout):
     check("lora dx", dx, numerical_grad(f, x))
     check("lora dA", dA, numerical_grad(f, A))
     check("lora dB", dB, numerical_grad(f, B))
+
+
+def test_grouped_adapters_equal_one_adapter_at_a_time_and_finite_differences(rng):
+    """q/k/v-like group: three adapters (ranks 2, 3, 2) on one input, written into their column
+    ranges of the group output; the middle block of columns has no adapter."""
+    x = rng.standard_normal((2, 3, 5))
+    outs, ranks = [4, 3, 2, 3], [2, 3, None, 2]
+    offs = np.cumsum([0] + outs[:-1])
+    parts = [(int(o), rng.standard_normal((r, 5)), rng.standard_normal((n, r)))
+             for o, n, r in zip(offs, outs, ranks) if r is not None]
+    base = rng.standard_normal((2, 3, sum(outs)))
+    R = rng.standard_normal(base.shape)
+    scale = 1.5
+
+    def run():
+        y = base.copy()
+        return y, group_forward(x, y, parts, scale)
+
+    y, cache = run()
+    ref = base.copy()
+    for off, A, B in parts:
+        ref[..., off:off + B.shape[0]] += lora_forward(x, A, B, scale)[0]
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+    dx0 = rng.standard_normal(x.shape)  # the frozen weights' share, added to in place
+    dx = dx0.copy()
+    grads = group_backward(R, dx, parts, cache, scale)
+    f = lambda: float((run()[0] * R).sum())  # noqa: E731
+    check("group dx", dx - dx0, numerical_grad(f, x))
+    for (off, A, B), (dA, dB) in zip(parts, grads):
+        check("group dA", dA, numerical_grad(f, A))
+        check("group dB", dB, numerical_grad(f, B))
+        _, dA1, dB1 = lora_backward(R[..., off:off + B.shape[0]], lora_forward(x, A, B, scale)[1])
+        np.testing.assert_allclose(dA, dA1, rtol=1e-10)
+        np.testing.assert_allclose(dB, dB1, rtol=1e-10)
 
 
 def test_lora_dropout_needs_rng_and_is_off_in_eval(rng):
