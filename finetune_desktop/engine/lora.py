@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .parallel import matmul
+from .parallel import matmul, matmul_add
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -213,7 +213,7 @@ def group_forward(x, y, parts, scale):
     c = 0
     for off, _, B in parts:
         r, n = B.shape[1], B.shape[0]
-        y2[:, off:off + n] += matmul(us[:, c:c + r], B.T)
+        matmul_add(us[:, c:c + r], B.T, y2[:, off:off + n])
         c += r
     return x2, u, A
 
@@ -238,8 +238,7 @@ def group_backward(dy, dx, parts, cache, scale):
     du *= sc
     dA = du.T @ x2  # (R, in)
     if dx is not None:
-        dx2 = dx.reshape(-1, dx.shape[-1])
-        dx2 += matmul(du, A)
+        matmul_add(du, A, dx.reshape(-1, dx.shape[-1]))
     out, c = [], 0
     for (_, _, B), dB in zip(parts, dBs):
         r = B.shape[1]

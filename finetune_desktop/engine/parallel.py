@@ -116,12 +116,23 @@ def matmul(a, b, out=None):
     return out
 
 
+
+def matmul_add(a, b, out) -> None:
+    """out += a (M, K) @ b (K, N), by blocks of rows over the spare threads when there are any
+    (the product and the addition of each block on the same thread)."""
+    def block(a, out):
+        out += np.matmul(a, b)
+
+    rowwise(block, (a,), (out,))
+
 def rowwise(fn, ins, outs) -> None:
     """fn(*ins, *outs) on 2-D (rows, features) views of the arrays (..., features), writing outs
     in place; over this thread's spare threads by blocks of rows when there are any (a one-row
     batch's elementwise passes), else in one call."""
     ins2 = [a.reshape(-1, a.shape[-1]) for a in ins]
-    outs2 = [a.reshape(-1, a.shape[-1]) for a in outs]  # fresh C-contiguous arrays: views
+    outs2 = [a.reshape(-1, a.shape[-1]) for a in outs]
+    if not all(np.may_share_memory(o, a) for o, a in zip(outs2, outs)):  # a caller's bug: writes would be lost
+        raise ValueError("rowwise outputs must reshape to 2-D without a copy")
     M = outs2[0].shape[0]
     k = spare()
     if k <= 1 or M < 2 * MIN_SPLIT_ROWS:
