@@ -245,3 +245,45 @@ def group_backward(dy, dx, parts, cache, scale):
         out.append((dA[c:c + r], dB))
         c += r
     return out
+
+
+# ---------------------------------------------------------------- a projection group's adapters
+def adapters_forward(x, y, adapted, lora: dict, scale: float, dropout: float, rng):
+    """Add the adapters of one projection group, beside its frozen weights, to the group's output
+    y. adapted: [(stem, column offset in y, A's name, B's name)]. With dropout each adapter draws
+    its own mask (lora_forward, one at a time); without, they run together (group_forward).
+    -> (mode, saved) for adapters_backward."""
+    if dropout > 0:
+        each = []
+        for _, off, an, bn in adapted:
+            B = lora[bn]
+            dy, lcache = lora_forward(x, lora[an], B, scale, dropout, rng)
+            y[..., off:off + B.shape[0]] += dy
+            each.append(lcache)
+        return "each", each
+    return "group", group_forward(x, y, [(off, lora[an], lora[bn]) for _, off, an, bn in adapted], scale)
+
+
+def adapters_backward(mode: str, adapted, saved, lora: dict, scale: float, dy, dx, x, grads: dict) -> None:
+    """The adapter gradients of one projection group into grads, and the adapters' share of the
+    input gradient added to dx (None: not needed). mode "merged": the forward folded the adapters
+    into the weights (see merged_group_weight), so dx already includes them and only the adapter
+    gradients are computed here, from the group input x."""
+    sc = dy.dtype.type(scale)
+    if mode == "group":
+        parts = [(off, lora[an], lora[bn]) for _, off, an, bn in adapted]
+        for (_, _, an, bn), (dA, dB) in zip(adapted, group_backward(dy, dx, parts, saved, sc)):
+            grads[an], grads[bn] = dA, dB
+        return
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    for i, (_, off, an, bn) in enumerate(adapted):
+        A, B = lora[an], lora[bn]
+        n_out = B.shape[0]
+        if mode == "merged":
+            dys = dy2[:, off:off + n_out]
+            grads[bn] = (dys.T @ (x2 @ A.T)) * sc
+            grads[an] = ((dys @ B).T @ x2) * sc
+            continue
+        ldx, grads[an], grads[bn] = lora_backward(dy[..., off:off + n_out], saved[i])
+        if dx is not None:
+            dx += ldx

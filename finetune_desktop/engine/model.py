@@ -19,8 +19,8 @@ from . import decode, loss as loss_mod, ops
 from .checkpoint import (atomic_write_json, load_peft_adapter, load_weights, make_temp_dir_beside, model_folder,
                          replace_dir_atomically, save_peft_adapter, write_safetensors, write_safetensors_bf16)
 from .config import ModelConfig, ModelFormatError
-from .lora import (LoraConfig, group_backward, group_forward, init_lora, lora_backward, lora_forward,
-                   lora_names, merge_lora, merged_group_weight, merging_pays_off)
+from .lora import (LoraConfig, adapters_backward, adapters_forward, init_lora, lora_names, merge_lora,
+                   merged_group_weight, merging_pays_off)
 from .loss import HeadLoss, head_chunk_rows
 from .parallel import row_generators, row_shards, run_all, spare_threads, sum_into_first
 from .split import attention_backward_split as _attention_backward
@@ -295,17 +295,9 @@ class Model:
             off += n_out
         if merged or not adapted:
             return y, (stems, lc, ("merged", adapted, None))
-        scale = self.lora_config.scale
-        if train and self.lora_config.dropout > 0:
-            each = []
-            for stem, off, an, bn in adapted:
-                B = self.lora[bn]
-                dy, lcache = lora_forward(x, self.lora[an], B, scale, self.lora_config.dropout, rng)
-                y[..., off:off + B.shape[0]] += dy
-                each.append(lcache)
-            return y, (stems, lc, ("each", adapted, each))
-        parts = [(off, self.lora[an], self.lora[bn]) for _, off, an, bn in adapted]
-        return y, (stems, lc, ("group", adapted, group_forward(x, y, parts, scale)))
+        dropout = self.lora_config.dropout if train else 0.0
+        mode, saved = adapters_forward(x, y, adapted, self.lora, self.lora_config.scale, dropout, rng)
+        return y, (stems, lc, (mode, adapted, saved))
 
     def _proj_backward(self, dy, cache, grads, need_dx=True):
         stems, lc, lora_cache = cache
@@ -321,26 +313,7 @@ class Model:
                 off += n_out
             return dx
         mode, adapted, saved = lora_cache
-        sc = self.dtype.type(self.lora_config.scale)
-        if mode == "group":
-            parts = [(off, self.lora[an], self.lora[bn]) for _, off, an, bn in adapted]
-            for (_, _, an, bn), (dA, dB) in zip(adapted, group_backward(dy, dx, parts, saved, sc)):
-                grads[an], grads[bn] = dA, dB
-            return dx
-        for i, (stem, off, an, bn) in enumerate(adapted):
-            A, B = self.lora[an], self.lora[bn]
-            n_out = B.shape[0]
-            if mode == "merged":  # dx above already went through W + scale * B @ A
-                x2 = lc[0].reshape(-1, lc[0].shape[-1])
-                dys = dy.reshape(-1, dy.shape[-1])[:, off:off + n_out]
-                grads[bn] = (dys.T @ (x2 @ A.T)) * sc
-                grads[an] = ((dys @ B).T @ x2) * sc
-                continue
-            ldx, dA, dB = lora_backward(dy[..., off:off + n_out], saved[i])
-            grads[an] = dA
-            grads[bn] = dB
-            if need_dx:
-                dx += ldx
+        adapters_backward(mode, adapted, saved, self.lora, self.lora_config.scale, dy, dx, lc[0], grads)
         return dx
 
     # ------------------------------------------------------------------ forward
