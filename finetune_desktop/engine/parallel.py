@@ -102,19 +102,25 @@ def spare() -> int:
     return getattr(_local, "k", 1)
 
 
+def _row_blocks(M: int) -> list[slice] | None:
+    """The blocks of rows that M rows split into over this thread's spare threads, or None when
+    they stay on this thread (no spare threads, or too few rows to be worth a hand-off)."""
+    k = spare()
+    if k <= 1 or M < 2 * MIN_SPLIT_ROWS:
+        return None
+    b = np.linspace(0, M, min(k, M // MIN_SPLIT_ROWS) + 1).astype(int)
+    return [slice(lo, hi) for lo, hi in zip(b[:-1], b[1:])]
+
+
 def matmul(a, b, out=None):
     """a (M, K) @ b (K, N), split by rows of a over the spare threads when there are any."""
-    k = getattr(_local, "k", 1)
-    M = a.shape[0]
-    if k <= 1 or M < 2 * MIN_SPLIT_ROWS or a.ndim != 2:
+    blocks = _row_blocks(a.shape[0]) if a.ndim == 2 else None
+    if blocks is None:
         return np.matmul(a, b, out=out)
-    k = min(k, M // MIN_SPLIT_ROWS)
     if out is None:
-        out = np.empty((M, b.shape[1]), np.result_type(a, b))
-    bounds = np.linspace(0, M, k + 1).astype(int)
-    run_all(lambda i: np.matmul(a[bounds[i]:bounds[i + 1]], b, out=out[bounds[i]:bounds[i + 1]]), k)
+        out = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
+    run_all(lambda i: np.matmul(a[blocks[i]], b, out=out[blocks[i]]), len(blocks))
     return out
-
 
 
 def matmul_add(a, b, out) -> None:
@@ -125,6 +131,7 @@ def matmul_add(a, b, out) -> None:
 
     rowwise(block, (a,), (out,))
 
+
 def rowwise(fn, ins, outs) -> None:
     """fn(*ins, *outs) on 2-D (rows, features) views of the arrays (..., features), writing outs
     in place; over this thread's spare threads by blocks of rows when there are any (a one-row
@@ -133,11 +140,8 @@ def rowwise(fn, ins, outs) -> None:
     outs2 = [a.reshape(-1, a.shape[-1]) for a in outs]
     if not all(np.may_share_memory(o, a) for o, a in zip(outs2, outs)):  # a caller's bug: writes would be lost
         raise ValueError("rowwise outputs must reshape to 2-D without a copy")
-    M = outs2[0].shape[0]
-    k = spare()
-    if k <= 1 or M < 2 * MIN_SPLIT_ROWS:
+    blocks = _row_blocks(outs2[0].shape[0])
+    if blocks is None:
         fn(*ins2, *outs2)
         return
-    k = min(k, M // MIN_SPLIT_ROWS)
-    b = np.linspace(0, M, k + 1).astype(int)
-    run_all(lambda i: fn(*[a[b[i]:b[i + 1]] for a in ins2 + outs2]), k)
+    run_all(lambda i: fn(*[a[blocks[i]] for a in ins2 + outs2]), len(blocks))
